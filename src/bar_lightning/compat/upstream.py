@@ -1,0 +1,219 @@
+"""Interoperability with the official BAR code: its configs, its checkpoint key names and files.
+
+Public entry points:
+    load_generator(config, state_dict) -> BARGenerator
+    export_generator_state_dict(model) -> dict with upstream key names (loads strictly into the official `BAR`)
+    generator_kwargs(config) -> keyword arguments of `BARGenerator` for an upstream config
+    load_state_dict_file(path) -> a tensor mapping, read without executing code
+and, for the tokenizer, `load_fsq`, `load_tokenizer`, `export_tokenizer_state_dict` (see `upstream_tokenizer`).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bar_lightning.models.bar import BARGenerator
+from bar_lightning.models.layers import rope_2d_tables
+
+STRIPPED_PREFIXES = ("_orig_mod.", "module.")  # added by torch.compile and by DDP wrappers
+ROPE_BUFFER_SUFFIXES = ("attn.rope.freqs_cos", "attn.rope.freqs_sin")
+
+
+def _to_plain(config: Any) -> Any:
+    """OmegaConf containers -> plain dicts/lists, so callers may pass either."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(config, DictConfig | ListConfig):
+            return OmegaConf.to_container(config, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    return config
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read tensors from `.safetensors`, or from `.bin`/`.pt`/`.pth`/`.ckpt` with `weights_only=True`.
+
+    Nothing in the file is executed: a pickle that needs arbitrary code is refused with an explanation.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"refusing to load {path}: it is not a plain tensor checkpoint (unpickling it would run code: {error}). "
+            "Only load files you trust; convert them to .safetensors with a trusted tool first."
+        ) from error
+    if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
+        loaded = loaded["state_dict"]  # a Lightning or training checkpoint
+    if not isinstance(loaded, Mapping):
+        raise ValueError(f"{path} holds a {type(loaded).__name__}, not a mapping of parameter names to tensors")
+    return dict(loaded)
+
+
+def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove `_orig_mod.` / `module.` prefixes (in any nesting) from every key."""
+    cleaned = {}
+    for key, value in state_dict.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in STRIPPED_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix) :], True
+        cleaned[key] = value
+    return cleaned
+
+
+def generator_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of `BARGenerator` from an upstream config `{"model": {"vq_model", "generator"}}`."""
+    config = _to_plain(config)
+    try:
+        model = config["model"]
+        vq_model, generator = model["vq_model"], model["generator"]
+    except (KeyError, TypeError) as error:
+        raise ValueError(
+            "an upstream config must look like {'model': {'vq_model': {...}, 'generator': {...}}} "
+            f"(as in the official configs/generator/*.yaml); missing {error}"
+        ) from error
+    required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "image_seq_len", "condition_num_classes"]
+    missing = [key for key in required if key not in generator]
+    if "token_size" not in vq_model:
+        missing.append("vq_model.token_size")
+    if missing:
+        raise ValueError(f"upstream generator config lacks {missing}")
+    codebook = generator.get("target_codebook_size", 2)
+    if codebook != 2:
+        raise ValueError(f"model.generator.target_codebook_size={codebook}: BAR predicts bits, it must be 2")
+    token_size = int(vq_model["token_size"])
+    if "codebook_size" in vq_model and int(vq_model["codebook_size"]) != 2**token_size:
+        raise ValueError(
+            f"model.vq_model.codebook_size={vq_model['codebook_size']} != 2**token_size={2**token_size}; "
+            "a binary FSQ tokenizer with token_size bits has 2**token_size codes"
+        )
+    head = generator.get("mbm_head", {}) or {}
+    return {
+        "hidden_size": int(generator["hidden_size"]),
+        "num_layers": int(generator["num_hidden_layers"]),
+        "num_heads": int(generator["num_attention_heads"]),
+        "num_tokens": int(generator["image_seq_len"]),
+        "bits_per_token": token_size,
+        "num_classes": int(generator["condition_num_classes"]),
+        "patch_size": int(generator.get("patch_size", 1) or 1),
+        "latent_height": generator.get("latent_height"),
+        "latent_width": generator.get("latent_width"),
+        "repeat_class_condition": int(generator.get("repeat_class_condition", 32)),
+        "dropout": float(generator.get("dropout", 0.0)),
+        "head": "mbm",
+        "head_width": int(head.get("width", 2048)),
+        "head_layers": int(head.get("num_layers", 3)),
+        "use_checkpoint": bool(generator.get("use_checkpoint", False)),
+    }
+
+
+def _format_keys(keys: list[str], limit: int = 20) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def import_generator_state_dict(model: BARGenerator, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Upstream keys -> this model's keys, checking names, shapes and the per-block RoPE tables."""
+    state_dict = strip_prefixes(state_dict)
+    own = model.state_dict()
+    rope_cos, rope_sin = rope_2d_tables(model.hidden_size // model.num_heads, model.step_grid_side, model.prefix_len)
+    converted: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for key, value in state_dict.items():
+        if key.startswith("blocks.") and key.endswith(ROPE_BUFFER_SUFFIXES):
+            # Upstream stores one RoPE table per block (the same tensor); ours is computed. They must agree, or
+            # the checkpoint was made for another grid / head size.
+            table = rope_cos if key.endswith("cos") else rope_sin
+            if tuple(value.shape) != tuple(table.shape) or not torch.allclose(value.float(), table, atol=1e-5):
+                raise ValueError(
+                    f"{key} {tuple(value.shape)} does not match the RoPE table {tuple(table.shape)} of this config "
+                    "(grid side, patch_size, repeat_class_condition or head size differ from the checkpoint's)"
+                )
+            continue
+        if key not in own:
+            unexpected.append(key)
+            continue
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ValueError(
+                f"{key}: checkpoint shape {tuple(value.shape)} != model shape {tuple(own[key].shape)}; "
+                "the config does not match the checkpoint (check hidden_size, token_size, patch_size, "
+                "condition_num_classes and mbm_head.width)"
+            )
+        converted[key] = value
+    missing = sorted(set(own) - set(converted))
+    if missing or unexpected:
+        raise ValueError(
+            "checkpoint does not match the model: "
+            f"missing keys [{_format_keys(missing)}]; unexpected keys [{_format_keys(sorted(unexpected))}]"
+        )
+    return converted
+
+
+def load_generator(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | str | os.PathLike) -> BARGenerator:
+    """Build a `BARGenerator` from an upstream config and load upstream weights strictly (eval mode, CPU)."""
+    if isinstance(state_dict, str | os.PathLike):
+        state_dict = load_state_dict_file(state_dict)
+    with torch.device("meta"):
+        model = BARGenerator(**generator_kwargs(config))
+    converted = import_generator_state_dict(model, state_dict)
+    # Buffers that are not in the state dict (RoPE tables) are rebuilt on CPU; parameters come from the file.
+    model = model.to_empty(device="cpu")
+    model.init_non_persistent_buffers()
+    model.load_state_dict(converted, strict=True, assign=False)
+    return model.eval()
+
+
+def export_generator_state_dict(model: BARGenerator) -> dict[str, torch.Tensor]:
+    """This model's weights under upstream key names, RoPE tables included, ready for the official `BAR`."""
+    if model.head_type != "mbm":
+        raise ValueError(f"the official code has no {model.head_type!r} head; only head='mbm' models can be exported")
+    exported: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        exported[key] = value.detach().cpu().clone()
+        if key.startswith("blocks.") and key.endswith(".attn.proj.bias"):
+            block_prefix = key[: -len("proj.bias")]
+            exported[block_prefix + "rope.freqs_cos"] = model.rope_cos.detach().cpu().clone()
+            exported[block_prefix + "rope.freqs_sin"] = model.rope_sin.detach().cpu().clone()
+    return exported
+
+
+def save_generator_for_upstream(model: BARGenerator, path: str | os.PathLike) -> Path:
+    """Write `export_generator_state_dict(model)` as a `.bin` (torch.save) or `.safetensors` file, atomically."""
+    path = Path(path)
+    tensors = export_generator_state_dict(model)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        # safetensors refuses shared storage; the per-block RoPE copies are already independent clones.
+        save_file(tensors, str(tmp))
+    else:
+        torch.save(tensors, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+try:  # the tokenizer half of the compatibility layer
+    from bar_lightning.compat.upstream_tokenizer import (  # noqa: F401
+        export_tokenizer_state_dict,
+        load_fsq,
+        load_tokenizer,
+    )
+except ImportError:  # pragma: no cover - present once the tokenizer models land
+    pass
