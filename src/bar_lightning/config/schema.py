@@ -1,0 +1,249 @@
+"""Structured-config schemas: every key and type a run may set, checked before anything is built.
+
+`validate_train_config(cfg)` merges the composed Hydra config into these dataclasses, so a typo (`trainer.max_step`)
+or a wrong type (`model.hidden_size: big`) stops the run with the full key path, then checks cross-field rules
+(`sampling.tokens_allocation` against the bits per AR step, anneal window, head choice) with messages that say the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from bar_lightning.models.linear_head import MAX_LINEAR_HEAD_BITS
+from bar_lightning.models.mbm_head import validate_tokens_allocation
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; the message names the key and the fix."""
+
+
+@dataclass
+class GeneratorModelConfig:
+    """Sizes of `BARGenerator` (same names as its keyword arguments)."""
+
+    hidden_size: int = 768
+    num_layers: int = 24
+    num_heads: int = 12
+    num_tokens: int = 256
+    bits_per_token: int = 16
+    num_classes: int = 1000
+    patch_size: int = 1
+    repeat_class_condition: int = 32
+    dropout: float = 0.0
+    head: str = "mbm"
+    head_width: int = 2048
+    head_layers: int = 3
+    use_checkpoint: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to `end_lr`, stepped once per optimiser step."""
+
+    learning_rate: float = 4e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.96])
+    weight_decay: float = 0.03
+    warmup_steps: int = 62_500
+    total_steps: int = 250_000
+    end_lr: float = 1e-5
+    # "upstream": no decay for 1-D tensors, biases and names containing norm/ln/embed (lower-cased), as the
+    # official script; "none": decay everything.
+    no_decay_rule: str = "upstream"
+    fused: bool | None = None  # None: fused AdamW on CUDA, the default kernel elsewhere
+
+
+@dataclass
+class GeneratorTrainingConfig:
+    class_label_dropout: float = 0.1
+    # Random-order probability is 1 before `randomness_anneal_start`, 0 after `randomness_anneal_end`, linear between.
+    randomness_anneal_start: int = 125_000
+    randomness_anneal_end: int = 187_500
+    compile: bool = False
+    preview_every_n_steps: int = 5000
+    preview_classes: list[int] = field(default_factory=lambda: [207, 360, 387, 974, 88, 979, 417, 279, 1, 323])
+    check_inputs: bool = True
+
+
+@dataclass
+class SamplingConfig:
+    """Read by training previews and by evaluate.py."""
+
+    guidance_scale: float = 5.0
+    temperature: float = 2.5
+    tokens_allocation: list[int] = field(default_factory=lambda: [2, 2, 5, 7])
+    random_order: bool = False
+    seed: int = 0
+
+
+@dataclass
+class TokenDataConfig:
+    source: str = "synthetic"
+    root: str | None = None
+    batch_size: int = 128
+    num_workers: int = 0
+    tokens: int = 256
+    bits_per_token: int = 16
+    num_classes: int = 1000
+    flip_probability: float = 0.5
+    synthetic_num_samples: int = 1024
+    synthetic_noise: float = 0.1
+    val_num_samples: int = 0
+    seed: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = False
+    drop_last: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments of `lightning.Trainer` that runs may set."""
+
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: Any = "auto"
+    precision: Any = "32-true"
+    max_steps: int = 250_000
+    max_epochs: int | None = -1
+    gradient_clip_val: float | None = 1.0
+    gradient_clip_algorithm: str = "norm"
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 50
+    val_check_interval: Any = None
+    check_val_every_n_epoch: int | None = 1
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    num_sanity_val_steps: int = 0
+    deterministic: Any = False
+    benchmark: bool | None = None
+    enable_progress_bar: bool = True
+    enable_model_summary: bool = True
+    fast_dev_run: Any = False
+    use_distributed_sampler: bool = True
+    sync_batchnorm: bool = False
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = "."
+    data_dir: str = "data"
+    output_dir: str = "outputs"
+    log_dir: str = "logs"
+
+
+@dataclass
+class GeneratorTrainConfig:
+    task: str = "generator"
+    experiment_name: str = "default"
+    seed: int = 42
+    float32_matmul_precision: str = "high"
+    ckpt_path: str | None = None
+    model: GeneratorModelConfig = field(default_factory=GeneratorModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    training: GeneratorTrainingConfig = field(default_factory=GeneratorTrainingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    data: TokenDataConfig = field(default_factory=TokenDataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    logger: dict[str, Any] = field(default_factory=dict)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+SCHEMAS = {"generator": GeneratorTrainConfig}
+
+
+def merge_with_schema(cfg: DictConfig, schema: type) -> DictConfig:
+    """Merge `cfg` into `schema`; unknown keys and wrong types raise ConfigError with the key path."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        OmegaConf.resolve(merged)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"invalid configuration: {error}") from error
+    OmegaConf.set_struct(merged, True)
+    return merged
+
+
+def check_sampling(sampling: DictConfig, bits_per_step: int, head: str) -> None:
+    if head == "mbm":
+        try:
+            validate_tokens_allocation(list(sampling.tokens_allocation), bits_per_step)
+        except ValueError as error:
+            raise ConfigError(f"sampling.tokens_allocation: {error}") from error
+    if sampling.temperature < 0:
+        raise ConfigError(f"sampling.temperature={sampling.temperature} must be >= 0")
+    if sampling.guidance_scale < 0:
+        raise ConfigError(f"sampling.guidance_scale={sampling.guidance_scale} must be >= 0 (<= 1 disables CFG)")
+
+
+def check_generator_model(model: DictConfig) -> int:
+    """Check model sizes; returns the bits per AR step."""
+    for key in ("hidden_size", "num_layers", "num_heads", "num_tokens", "bits_per_token", "num_classes",
+                "patch_size", "head_width", "head_layers"):
+        if model[key] <= 0:
+            raise ConfigError(f"model.{key}={model[key]} must be positive")
+    if model.head not in ("mbm", "linear"):
+        raise ConfigError(f"model.head={model.head!r} is not a head; use 'mbm' (the paper's) or 'linear' (baseline)")
+    if model.hidden_size % model.num_heads or model.num_heads % 2:
+        raise ConfigError(
+            f"model.hidden_size={model.hidden_size} must be divisible by model.num_heads={model.num_heads}, "
+            "and num_heads must be even (target-aware RoPE)"
+        )
+    if (model.hidden_size // model.num_heads) % 4:
+        raise ConfigError(f"head size {model.hidden_size // model.num_heads} must be divisible by 4 (2-D RoPE)")
+    side = int(round(model.num_tokens**0.5))
+    if side * side != model.num_tokens or side % model.patch_size:
+        raise ConfigError(
+            f"model.num_tokens={model.num_tokens} must be a square grid whose side is divisible by "
+            f"model.patch_size={model.patch_size}"
+        )
+    if not 0.0 <= model.dropout < 1.0:
+        raise ConfigError(f"model.dropout={model.dropout} must be in [0, 1)")
+    bits_per_step = model.bits_per_token * model.patch_size**2
+    if model.head == "linear" and bits_per_step > MAX_LINEAR_HEAD_BITS:
+        raise ConfigError(
+            f"model.head=linear needs 2^{bits_per_step} output classes; at most 2^{MAX_LINEAR_HEAD_BITS} are "
+            "supported (use head=mbm)"
+        )
+    return bits_per_step
+
+
+def validate_train_config(cfg: DictConfig) -> DictConfig:
+    """Validate a composed training config before any model or data is built."""
+    task = cfg.get("task", None)
+    if task not in SCHEMAS:
+        raise ConfigError(f"task={task!r} is unknown; use one of {sorted(SCHEMAS)} (set by the experiment)")
+    merged = merge_with_schema(cfg, SCHEMAS[task])
+    bits_per_step = check_generator_model(merged.model)
+    check_sampling(merged.sampling, bits_per_step, merged.model.head)
+    training, optim, data = merged.training, merged.optim, merged.data
+    if not 0.0 <= training.class_label_dropout < 1.0:
+        raise ConfigError(f"training.class_label_dropout={training.class_label_dropout} must be in [0, 1)")
+    if training.randomness_anneal_end < training.randomness_anneal_start:
+        raise ConfigError(
+            f"training.randomness_anneal_end={training.randomness_anneal_end} is before "
+            f"randomness_anneal_start={training.randomness_anneal_start}; set both to -1 for raster-only training"
+        )
+    if optim.warmup_steps < 0 or optim.total_steps <= 0 or optim.learning_rate <= 0:
+        raise ConfigError("optim.warmup_steps must be >= 0, optim.total_steps and optim.learning_rate > 0")
+    if len(optim.betas) != 2:
+        raise ConfigError(f"optim.betas={list(optim.betas)} must have two values")
+    if optim.no_decay_rule not in ("upstream", "none"):
+        raise ConfigError(f"optim.no_decay_rule={optim.no_decay_rule!r}: use 'upstream' or 'none'")
+    if data.source not in ("synthetic", "pretokenized"):
+        raise ConfigError(f"data.source={data.source!r}: use 'synthetic' or 'pretokenized'")
+    if data.source == "pretokenized" and not data.root:
+        raise ConfigError("data.source=pretokenized needs data.root=<folder with train/<class>/*.npz>")
+    if data.batch_size <= 0:
+        raise ConfigError(f"data.batch_size={data.batch_size} must be positive")
+    for key, model_key in (("tokens", "num_tokens"), ("bits_per_token", "bits_per_token"), ("num_classes", "num_classes")):
+        if data[key] != merged.model[model_key]:
+            raise ConfigError(f"data.{key}={data[key]} does not match model.{model_key}={merged.model[model_key]}")
+    if any(not 0 <= c < merged.model.num_classes for c in training.preview_classes):
+        raise ConfigError(
+            f"training.preview_classes={list(training.preview_classes)} has a class outside 0..{merged.model.num_classes - 1}"
+        )
+    return merged

@@ -1,0 +1,162 @@
+"""LightningModule that trains the BAR generator on bit tokens."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import lightning as L
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from bar_lightning.models.bar import NULL_LABEL, BARGenerator
+
+
+def random_order_ratio(step: int, anneal_start: int, anneal_end: int) -> float:
+    """Probability of a random generation order at `step`: 1 before the anneal window, 0 after, linear inside.
+
+    A window with negative bounds (e.g. -1, -1) means raster-only training.
+    """
+    if step < anneal_start:
+        return 1.0
+    if step > anneal_end or anneal_end == anneal_start:
+        return 0.0
+    return 1.0 - (step - anneal_start) / (anneal_end - anneal_start)
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, base_lr: float, end_lr: float) -> float:
+    """Learning-rate multiplier: linear warmup to 1, then half a cosine down to `end_lr / base_lr`."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    cosine = max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return (end_lr + (base_lr - end_lr) * cosine) / base_lr
+
+
+def upstream_no_decay(name: str, parameter: torch.Tensor) -> bool:
+    """The official script's rule: no weight decay for 1-D tensors, biases and names with norm/ln/embed.
+
+    The test is on the lower-cased name, so every `adaLN_modulation` weight (it contains "ln") is excluded too.
+    """
+    lowered = name.lower()
+    return parameter.ndim < 2 or "bias" in name or "norm" in lowered or "ln" in lowered or "embed" in lowered
+
+
+def parameter_groups(
+    named_parameters: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float, rule: str
+) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, parameter in named_parameters:
+        if not parameter.requires_grad:
+            continue
+        (no_decay if rule == "upstream" and upstream_no_decay(name, parameter) else decay).append(parameter)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+class GeneratorModule(L.LightningModule):
+    """Trains `BARGenerator` with random-order annealing, class dropout and AdamW + warmup-cosine.
+
+    All arguments are plain dicts from the validated Hydra config (`model`, `optim`, `training`, `sampling`), saved
+    as hyper-parameters so `GeneratorModule.load_from_checkpoint(path)` rebuilds the network with no other input.
+    """
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        optim: dict[str, Any],
+        training: dict[str, Any],
+        sampling: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.generator = BARGenerator(**model)
+        self.random_ratio = random_order_ratio(0, training["randomness_anneal_start"], training["randomness_anneal_end"])
+        self._compiled_forward = None
+
+    # ----------------------------------------------------------------- training
+    def configure_model(self) -> None:
+        if self.hparams.training.get("compile", False) and self._compiled_forward is None:
+            self._compiled_forward = torch.compile(self.generator)
+
+    def _loss(self, bits: torch.Tensor, labels: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
+        forward = self._compiled_forward if self._compiled_forward is not None and self.training else self.generator
+        return forward(bits, labels, orders)
+
+    def _check_batch(self, bits: torch.Tensor, labels: torch.Tensor) -> None:
+        if self.hparams.training.get("check_inputs", True):
+            self.generator.check_bits(bits)
+            self.generator.check_labels(labels)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        bits, labels = batch["bits"], batch["label"]
+        self._check_batch(bits, labels)
+        training = self.hparams.training
+        self.random_ratio = random_order_ratio(
+            self.global_step, training["randomness_anneal_start"], training["randomness_anneal_end"]
+        )
+        # Orders are drawn outside the (possibly compiled) forward, as upstream, so the ratio never recompiles it.
+        orders = self.generator.sample_orders(bits.shape[0], self.random_ratio, bits.device)
+        dropped = torch.rand(labels.shape[0], device=labels.device) < training["class_label_dropout"]
+        labels = torch.where(dropped, torch.full_like(labels, NULL_LABEL), labels)
+        loss = self._loss(bits, labels, orders)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss {loss.item()} at global step {self.global_step}; the last saved checkpoint "
+                "is kept. Lower optim.learning_rate or check the data."
+            )
+        batch_size = bits.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/random_ratio", self.random_ratio, batch_size=batch_size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        bits, labels = batch["bits"], batch["label"]
+        self._check_batch(bits, labels)
+        # Fixed masks per batch index so validation losses are comparable across steps.
+        generator = torch.Generator(device=bits.device).manual_seed(10_000 + batch_idx)
+        loss = self.generator(bits, labels, None, generator=generator)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=bits.shape[0])
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optim = self.hparams.optim
+        # Parameters of the strategy-wrapped model (DDP/FSDP), as Lightning recommends.
+        source = self.trainer.model if self._trainer is not None else self
+        groups = parameter_groups(source.named_parameters(), optim["weight_decay"], optim["no_decay_rule"])
+        fused = optim.get("fused")
+        if fused is None:
+            fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(
+            groups, lr=optim["learning_rate"], betas=tuple(optim["betas"]), fused=bool(fused) or None
+        )
+        schedule = LambdaLR(
+            optimizer,
+            lambda step: warmup_cosine(
+                step, warmup_steps=optim["warmup_steps"], total_steps=optim["total_steps"],
+                base_lr=optim["learning_rate"], end_lr=optim["end_lr"],
+            ),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1}}
+
+    # ----------------------------------------------------------------- state
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["random_ratio"] = self.random_ratio
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.random_ratio = checkpoint.get("random_ratio", self.random_ratio)
+
+    # ----------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample(self, labels: torch.Tensor, generator: torch.Generator | None = None, **overrides: Any) -> torch.Tensor:
+        """Generate flat bits for `labels` with the `sampling` settings (keyword arguments override them)."""
+        settings = {**self.hparams.sampling, **overrides}
+        return self.generator.generate(
+            labels,
+            guidance_scale=float(settings["guidance_scale"]),
+            temperature=float(settings["temperature"]),
+            tokens_allocation=list(settings["tokens_allocation"]),
+            random_order=bool(settings.get("random_order", False)),
+            generator=generator,
+        )

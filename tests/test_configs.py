@@ -1,0 +1,106 @@
+"""Every experiment composes and validates; bad configs stop before any model is built, naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from bar_lightning.config.schema import ConfigError, validate_train_config
+from bar_lightning.models.bar import BARGenerator
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+EXPERIMENTS = ["bar_b", "bar_b_patch2", "bar_b_patch4", "bar_l", "bar_l_res512", "tiny_generator"]
+
+
+def compose_train(overrides: list[str], output_dir: Path | str = "/tmp/unused") -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)  # outside a Hydra run there is no runtime output dir
+    return cfg
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(experiment):
+    cfg = validate_train_config(compose_train([f"experiment={experiment}"]))
+    assert cfg.experiment_name == experiment
+    assert cfg.data.tokens == cfg.model.num_tokens and cfg.data.bits_per_token == cfg.model.bits_per_token
+
+
+# README / upstream values that reproduce the paper's table.
+EXPECTED = {
+    "bar_b": dict(hidden=768, layers=24, patch=1, g=5.0, T=2.5, alloc=[2, 2, 5, 7], batch=128, steps=250_000),
+    "bar_b_patch2": dict(hidden=768, layers=24, patch=2, g=5.5, T=2.0, alloc=[16] * 4, batch=128, steps=250_000),
+    "bar_b_patch4": dict(hidden=768, layers=24, patch=4, g=9.6, T=1.4, alloc=[64] * 4, batch=128, steps=250_000),
+    "bar_l": dict(hidden=1280, layers=32, patch=1, g=5.3, T=3.0, alloc=[2, 2, 5, 7], batch=64, steps=250_000),
+    "bar_l_res512": dict(hidden=1280, layers=32, patch=1, g=4.2, T=2.8, alloc=[2, 2, 2, 4], batch=32, steps=125_000),
+}
+
+
+@pytest.mark.parametrize("experiment", sorted(EXPECTED))
+def test_experiments_reproduce_the_upstream_recipes(experiment):
+    cfg = validate_train_config(compose_train([f"experiment={experiment}"]))
+    want = EXPECTED[experiment]
+    assert (cfg.model.hidden_size, cfg.model.num_layers, cfg.model.patch_size) == (want["hidden"], want["layers"], want["patch"])
+    assert cfg.sampling.guidance_scale == want["g"] and cfg.sampling.temperature == want["T"]
+    assert list(cfg.sampling.tokens_allocation) == want["alloc"]
+    assert cfg.data.batch_size == want["batch"] and cfg.trainer.max_steps == want["steps"]
+    assert cfg.optim.total_steps == want["steps"] and cfg.optim.learning_rate == 4e-4
+    assert list(cfg.optim.betas) == [0.9, 0.96] and cfg.optim.weight_decay == 0.03
+    assert cfg.training.class_label_dropout == 0.1 and cfg.trainer.gradient_clip_val == 1.0
+    assert cfg.trainer.precision == "bf16-mixed"
+
+
+def test_res512_recipe_uses_the_10_bit_tokenizer_layout():
+    cfg = validate_train_config(compose_train(["experiment=bar_l_res512"]))
+    assert (cfg.model.num_tokens, cfg.model.bits_per_token, cfg.model.dropout) == (1024, 10, 0.2)
+    assert (cfg.optim.warmup_steps, cfg.training.randomness_anneal_start, cfg.training.randomness_anneal_end) == (
+        31_250, 62_500, 93_750)
+
+
+def test_bar_b_config_builds_the_415m_model():
+    cfg = validate_train_config(compose_train(["experiment=bar_b"]))
+    with torch.device("meta"):
+        model = BARGenerator(**cfg.model)
+    parameters = sum(p.numel() for p in model.parameters()) + model.lm_head.t_embedder.W.numel()
+    assert round(parameters / 1e6, 1) == 415.3
+
+
+def test_debug_overlay_is_tiny_and_deterministic():
+    cfg = validate_train_config(compose_train(["experiment=bar_b", "debug=default"]))
+    assert cfg.model.hidden_size == 64 and cfg.trainer.accelerator == "cpu" and cfg.trainer.deterministic
+    assert cfg.data.source == "synthetic"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("sampling.tokens_allocation=[2,2,5,6]", r"sampling\.tokens_allocation.*sums to 15.*16 bits"),
+        ("sampling.tokens_allocation=[0,2,7,7]", r"sampling\.tokens_allocation.*non-positive"),
+        ("sampling.tokens_allocation=[7,5,2,2]", r"sampling\.tokens_allocation.*non-decreasing"),
+        ("+model.hiden_size=3", r"hiden_size"),
+        ("+trainer.max_step=3", r"max_step"),
+        ("model.hidden_size=big", r"hidden_size"),
+        ("model.head=softmax", r"model\.head='softmax'"),
+        ("model.num_heads=5", r"num_heads=5"),
+        ("data.source=imagenet", r"data\.source='imagenet'"),
+        ("training.randomness_anneal_end=10", r"randomness_anneal_end=10"),
+    ],
+)
+def test_invalid_configs_name_the_key(override, message):
+    cfg = compose_train(["experiment=bar_b", override])
+    with pytest.raises(ConfigError, match=message):
+        validate_train_config(cfg)
+
+
+def test_linear_head_config_switch_keeps_the_backbone():
+    cfg = validate_train_config(compose_train(["experiment=tiny_generator", "model.head=linear"]))
+    with torch.device("meta"):
+        model = BARGenerator(**cfg.model)
+    assert type(model.lm_head).__name__ == "LinearSoftmaxHead"
+    with pytest.raises(ConfigError, match="2\\^64"):
+        validate_train_config(compose_train(["experiment=bar_b_patch2", "model.head=linear"]))

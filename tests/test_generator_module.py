@@ -1,0 +1,124 @@
+"""GeneratorModule: schedules, optimiser groups, a short fit of the tiny generator, checkpoint reload."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from bar_lightning.config.schema import validate_train_config
+from bar_lightning.lightning.generator_module import (
+    GeneratorModule,
+    parameter_groups,
+    random_order_ratio,
+    upstream_no_decay,
+    warmup_cosine,
+)
+from bar_lightning.models.bar import BARGenerator
+from bar_lightning.run import build_generator_job, build_trainer
+
+from .test_configs import compose_train
+
+
+def test_random_order_ratio_anneals_between_the_window():
+    assert random_order_ratio(0, 125_000, 187_500) == 1.0
+    assert random_order_ratio(125_000, 125_000, 187_500) == 1.0
+    assert random_order_ratio(156_250, 125_000, 187_500) == pytest.approx(0.5)
+    assert random_order_ratio(187_500, 125_000, 187_500) == 0.0
+    assert random_order_ratio(200_000, 125_000, 187_500) == 0.0
+    assert random_order_ratio(0, -1, -1) == 0.0  # raster-only training
+
+
+def test_warmup_cosine_matches_the_official_schedule():
+    kwargs = dict(warmup_steps=62_500, total_steps=250_000, base_lr=4e-4, end_lr=1e-5)
+    assert warmup_cosine(0, **kwargs) == 0.0
+    assert warmup_cosine(31_250, **kwargs) == pytest.approx(0.5)
+    assert warmup_cosine(62_500, **kwargs) == pytest.approx(1.0)
+    mid = 62_500 + (250_000 - 62_500) // 2
+    assert warmup_cosine(mid, **kwargs) * 4e-4 == pytest.approx((1e-5 + 4e-4) / 2)
+    assert warmup_cosine(250_000, **kwargs) * 4e-4 == pytest.approx(1e-5)
+
+
+def test_weight_decay_groups_mirror_the_official_rule():
+    with torch.device("meta"):
+        model = BARGenerator(hidden_size=64, num_layers=1, num_heads=4, num_tokens=16, bits_per_token=4,
+                             num_classes=10, repeat_class_condition=4, head_width=64, head_layers=1)
+    names = dict(model.named_parameters())
+    assert upstream_no_decay("blocks.0.adaLN_modulation.1.weight", names["blocks.0.adaLN_modulation.1.weight"])
+    assert upstream_no_decay("embeddings.weight", names["embeddings.weight"])
+    assert upstream_no_decay("lm_head.t_embedder.mlp.0.weight", names["lm_head.t_embedder.mlp.0.weight"])
+    assert not upstream_no_decay("cls_token", names["cls_token"])  # 3-D, no keyword: decayed upstream too
+    assert not upstream_no_decay("blocks.0.attn.qkv.weight", names["blocks.0.attn.qkv.weight"])
+    no_decay, decay = parameter_groups(model.named_parameters(), 0.03, "upstream")
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.03
+    assert len(no_decay["params"]) + len(decay["params"]) == len(names)
+    _, everything = parameter_groups(model.named_parameters(), 0.03, "none")
+    assert len(everything["params"]) == len(names)
+
+
+@pytest.fixture(scope="module")
+def tiny_fit(tmp_path_factory):
+    """Fit the tiny generator on synthetic tokens for 120 steps (about 10 s on 2 CPU cores)."""
+    output_dir = tmp_path_factory.mktemp("tiny_fit")
+    cfg = validate_train_config(compose_train(
+        ["experiment=tiny_generator", "logger=csv", "trainer.enable_progress_bar=false",
+         "trainer.enable_model_summary=false", "callbacks.progress_bar=null"],
+        output_dir,
+    ))
+    L.seed_everything(cfg.seed)
+    module, datamodule = build_generator_job(cfg)
+    trainer = build_trainer(cfg)
+    initial = {key: value.clone() for key, value in module.state_dict().items()}
+    trainer.fit(module, datamodule=datamodule)
+    return cfg, module, datamodule, trainer, initial, output_dir
+
+
+def test_tiny_generator_learns_the_class_conditional_bits(tiny_fit):
+    cfg, module, datamodule, trainer, initial, _ = tiny_fit
+    assert trainer.global_step == cfg.trainer.max_steps
+    # The weights moved (negative control for the metrics below).
+    assert any(not torch.equal(initial[key], value) for key, value in module.state_dict().items())
+    metrics = trainer.callback_metrics
+    assert math.isfinite(float(metrics["train/loss"]))
+    # Bit CE starts at log 2 = 0.693; the class prototypes make most bits predictable.
+    assert float(metrics["val/loss"]) < 0.5
+    # Samples follow their class prototype much better than chance (0.5 agreement).
+    module.eval()
+    dataset = datamodule.train_dataset
+    labels = torch.arange(cfg.model.num_classes)
+    bits = module.sample(labels, generator=torch.Generator().manual_seed(0), temperature=0.0, guidance_scale=2.0)
+    prototypes = torch.stack([dataset._prototype(int(c)) for c in labels])
+    agreement = (bits == prototypes).float().mean().item()
+    assert agreement > 0.85, agreement
+
+
+def test_random_ratio_followed_the_anneal_window(tiny_fit):
+    cfg, module, *_ = tiny_fit
+    # tiny_generator anneals between steps 20 and 40 and stops at 120: the last steps are raster-only.
+    assert module.random_ratio == 0.0
+    checkpoint = torch.load(tiny_fit[5] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["random_ratio"] == 0.0 and checkpoint["global_step"] == cfg.trainer.max_steps
+
+
+def test_checkpoint_reloads_without_arguments(tiny_fit):
+    _, module, *_ = tiny_fit
+    path = tiny_fit[5] / "checkpoints" / "last.ckpt"
+    reloaded = GeneratorModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    for key, value in module.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
+    labels = torch.tensor([0, 3])
+    a = module.sample(labels, generator=torch.Generator().manual_seed(5))
+    b = reloaded.eval().sample(labels, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_non_finite_loss_stops_with_the_step(tiny_fit):
+    _, module, *_ = tiny_fit
+    module.train()
+    with torch.no_grad():
+        module.generator.input_merge.weight.fill_(float("nan"))
+    batch = {"bits": torch.zeros(2, 64, dtype=torch.long), "label": torch.tensor([0, 1])}
+    with pytest.raises(FloatingPointError, match="global step"):
+        module.training_step(batch, 0)

@@ -1,0 +1,15 @@
+"""Train a BAR generator: `python train.py experiment=bar_b` (see README for more)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from bar_lightning.run import train
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
