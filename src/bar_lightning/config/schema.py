@@ -247,3 +247,44 @@ def validate_train_config(cfg: DictConfig) -> DictConfig:
             f"training.preview_classes={list(training.preview_classes)} has a class outside 0..{merged.model.num_classes - 1}"
         )
     return merged
+
+
+@dataclass
+class GeneratorSourceConfig:
+    """Where evaluate.py takes the generator from: a checkpoint of this project, or released upstream weights."""
+
+    checkpoint: str | None = None
+    upstream_weights: str | None = None
+    upstream_config: str | None = None
+
+
+@dataclass
+class EvaluateConfig:
+    task: str = "evaluate"
+    experiment_name: str = "evaluate"
+    seed: int = 0
+    generator: GeneratorSourceConfig = field(default_factory=GeneratorSourceConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    num_samples_per_class: int = 50
+    classes: list[int] | None = None
+    batch_size: int = 125
+    device: str = "auto"
+    float32_matmul_precision: str = "high"
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def validate_evaluate_config(cfg: DictConfig) -> DictConfig:
+    merged = merge_with_schema(cfg, EvaluateConfig)
+    source = merged.generator
+    if bool(source.checkpoint) == bool(source.upstream_weights):
+        raise ConfigError(
+            "give exactly one of generator.checkpoint=<this project's .ckpt> or "
+            "generator.upstream_weights=<released .bin> (with generator.upstream_config=<its yaml>)"
+        )
+    if source.upstream_weights and not source.upstream_config:
+        raise ConfigError("generator.upstream_weights needs generator.upstream_config=<the upstream yaml of that model>")
+    if merged.num_samples_per_class <= 0 or merged.batch_size <= 0:
+        raise ConfigError("num_samples_per_class and batch_size must be positive")
+    if merged.sampling.temperature < 0:
+        raise ConfigError(f"sampling.temperature={merged.sampling.temperature} must be >= 0")
+    return merged
