@@ -104,3 +104,21 @@ def test_linear_head_config_switch_keeps_the_backbone():
     assert type(model.lm_head).__name__ == "LinearSoftmaxHead"
     with pytest.raises(ConfigError, match="2\\^64"):
         validate_train_config(compose_train(["experiment=bar_b_patch2", "model.head=linear"]))
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "fsdp"])
+def test_trainer_configs_compose_and_strategies_instantiate(trainer):
+    import hydra
+
+    cfg = validate_train_config(compose_train(["experiment=bar_b", f"trainer={trainer}"]))
+    if trainer == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from bar_lightning.models.bar import Block
+
+        strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+        assert isinstance(strategy, FSDPStrategy)
+        assert Block in strategy.kwargs["auto_wrap_policy"]._module_classes
+    elif trainer == "ddp":
+        assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == -1
+    assert cfg.trainer.precision == ("32-true" if trainer == "cpu" else "bf16-mixed")
