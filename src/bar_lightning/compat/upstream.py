@@ -11,75 +11,22 @@ and, for the tokenizer, `load_fsq`, `load_tokenizer`, `export_tokenizer_state_di
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bar_lightning.compat.files import format_keys, load_state_dict_file, strip_prefixes, to_plain
 from bar_lightning.models.bar import BARGenerator
 from bar_lightning.models.layers import rope_2d_tables
 
-STRIPPED_PREFIXES = ("_orig_mod.", "module.")  # added by torch.compile and by DDP wrappers
 ROPE_BUFFER_SUFFIXES = ("attn.rope.freqs_cos", "attn.rope.freqs_sin")
-
-
-def _to_plain(config: Any) -> Any:
-    """OmegaConf containers -> plain dicts/lists, so callers may pass either."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(config, DictConfig | ListConfig):
-            return OmegaConf.to_container(config, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    return config
-
-
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read tensors from `.safetensors`, or from `.bin`/`.pt`/`.pth`/`.ckpt` with `weights_only=True`.
-
-    Nothing in the file is executed: a pickle that needs arbitrary code is refused with an explanation.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"refusing to load {path}: it is not a plain tensor checkpoint (unpickling it would run code: {error}). "
-            "Only load files you trust; convert them to .safetensors with a trusted tool first."
-        ) from error
-    if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
-        loaded = loaded["state_dict"]  # a Lightning or training checkpoint
-    if not isinstance(loaded, Mapping):
-        raise ValueError(f"{path} holds a {type(loaded).__name__}, not a mapping of parameter names to tensors")
-    return dict(loaded)
-
-
-def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove `_orig_mod.` / `module.` prefixes (in any nesting) from every key."""
-    cleaned = {}
-    for key, value in state_dict.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in STRIPPED_PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix) :], True
-        cleaned[key] = value
-    return cleaned
 
 
 def generator_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments of `BARGenerator` from an upstream config `{"model": {"vq_model", "generator"}}`."""
-    config = _to_plain(config)
+    config = to_plain(config)
     try:
         model = config["model"]
         vq_model, generator = model["vq_model"], model["generator"]
@@ -123,11 +70,6 @@ def generator_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _format_keys(keys: list[str], limit: int = 20) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def import_generator_state_dict(model: BARGenerator, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Upstream keys -> this model's keys, checking names, shapes and the per-block RoPE tables."""
     state_dict = strip_prefixes(state_dict)
@@ -160,7 +102,7 @@ def import_generator_state_dict(model: BARGenerator, state_dict: Mapping[str, to
     if missing or unexpected:
         raise ValueError(
             "checkpoint does not match the model: "
-            f"missing keys [{_format_keys(missing)}]; unexpected keys [{_format_keys(sorted(unexpected))}]"
+            f"missing keys [{format_keys(missing)}]; unexpected keys [{format_keys(sorted(unexpected))}]"
         )
     return converted
 
@@ -209,11 +151,22 @@ def save_generator_for_upstream(model: BARGenerator, path: str | os.PathLike) ->
     return path
 
 
-try:  # the tokenizer half of the compatibility layer
-    from bar_lightning.compat.upstream_tokenizer import (  # noqa: F401
-        export_tokenizer_state_dict,
-        load_fsq,
-        load_tokenizer,
-    )
-except ImportError:  # pragma: no cover - present once the tokenizer models land
-    pass
+# The tokenizer half of the compatibility layer, re-exported so users need one import.
+from bar_lightning.compat.upstream_tokenizer import (  # noqa: E402
+    export_tokenizer_state_dict,
+    load_fsq,
+    load_tokenizer,
+)
+
+__all__ = [
+    "export_generator_state_dict",
+    "export_tokenizer_state_dict",
+    "generator_kwargs",
+    "import_generator_state_dict",
+    "load_fsq",
+    "load_generator",
+    "load_state_dict_file",
+    "load_tokenizer",
+    "save_generator_for_upstream",
+    "strip_prefixes",
+]

@@ -1,0 +1,70 @@
+"""Reading checkpoint files safely and normalising their keys (shared by the generator and tokenizer bridges)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STRIPPED_PREFIXES = ("_orig_mod.", "module.")  # added by torch.compile and by DDP wrappers
+
+
+def to_plain(config: Any) -> Any:
+    """OmegaConf containers -> plain dicts/lists, so callers may pass either."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(config, DictConfig | ListConfig):
+            return OmegaConf.to_container(config, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    return config
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read tensors from `.safetensors`, or from `.bin`/`.pt`/`.pth`/`.ckpt` with `weights_only=True`.
+
+    Nothing in the file is executed: a pickle that needs arbitrary code is refused with an explanation.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"refusing to load {path}: it is not a plain tensor checkpoint (unpickling it would run code: {error}). "
+            "Only load files you trust; convert them to .safetensors with a trusted tool first."
+        ) from error
+    if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
+        loaded = loaded["state_dict"]  # a Lightning or training checkpoint
+    if not isinstance(loaded, Mapping):
+        raise ValueError(f"{path} holds a {type(loaded).__name__}, not a mapping of parameter names to tensors")
+    return dict(loaded)
+
+
+def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove `_orig_mod.` / `module.` prefixes (in any nesting) from every key."""
+    cleaned = {}
+    for key, value in state_dict.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in STRIPPED_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix) :], True
+        cleaned[key] = value
+    return cleaned
+
+
+def format_keys(keys: list[str], limit: int = 20) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
