@@ -13,7 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from bar_lightning.config.schema import validate_train_config
 from bar_lightning.lightning.generator_module import GeneratorModule
+from bar_lightning.lightning.image_datamodule import ImageDataModule, SyntheticImageDataModule
 from bar_lightning.lightning.token_datamodule import TokenDataModule
+from bar_lightning.lightning.tokenizer_module import TokenizerModule
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +32,14 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
     if isinstance(trainer_kwargs.get("strategy"), dict):
         trainer_kwargs["strategy"] = hydra.utils.instantiate(cfg.trainer.strategy)
     trainer_kwargs.update(overrides)
+    callbacks = _instantiate_all(cfg.callbacks)
+    if not trainer_kwargs.get("enable_progress_bar", True):
+        # `trainer.enable_progress_bar=false` alone should be enough to silence the bar.
+        from lightning.pytorch.callbacks import ProgressBar
+
+        callbacks = [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
     return L.Trainer(
-        callbacks=_instantiate_all(cfg.callbacks),
+        callbacks=callbacks,
         logger=_instantiate_all(cfg.logger) or False,
         default_root_dir=cfg.paths.output_dir,
         **trainer_kwargs,
@@ -45,6 +53,44 @@ def build_generator_job(cfg: DictConfig) -> tuple[GeneratorModule, TokenDataModu
     )
     datamodule = TokenDataModule(**plain["data"])
     return module, datamodule
+
+
+def build_tokenizer_job(cfg: DictConfig) -> tuple[TokenizerModule, L.LightningDataModule]:
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    encoder_init = plain["training"].get("encoder_init_weights")
+    if encoder_init and not Path(encoder_init).is_file():
+        raise FileNotFoundError(
+            f"training.encoder_init_weights={encoder_init} not found: the SigLIP2 checkpoint that initialises the "
+            "tokenizer encoder (a local copy of google/siglip2-so400m-patch16-naflex); set it to null to start from "
+            "random weights"
+        )
+    # Building the module checks every pretrained file the losses and the discriminator need, before any data.
+    module = TokenizerModule(
+        model=plain["model"], loss=plain["loss"], discriminator=plain["discriminator"], optim=plain["optim"],
+        training=plain["training"], evaluation=plain["evaluation"],
+    )
+    data = dict(plain["data"])
+    source = data.pop("source")
+    synthetic_samples, synthetic_val = data.pop("synthetic_num_samples"), data.pop("synthetic_val_num_samples")
+    if source == "synthetic":
+        datamodule: L.LightningDataModule = SyntheticImageDataModule(
+            image_size=data["crop_size"], batch_size=data["batch_size"], num_samples=synthetic_samples,
+            val_num_samples=synthetic_val, seed=data["seed"], num_workers=data["num_workers"],
+        )
+    else:
+        datamodule = ImageDataModule(**data)
+    return module, datamodule
+
+
+def initialise_encoder(module: TokenizerModule, weights: str) -> None:
+    """Load SigLIP2 weights into both encoder branches (fresh runs only; a resumed run has its own)."""
+    encoder = getattr(module.tokenizer, "encoder", None)
+    if encoder is None or not hasattr(encoder, "load_siglip2_vision"):
+        raise ValueError("training.encoder_init_weights is only meaningful for model.family=bar_fsq with an encoder")
+    encoder.load_siglip2_vision(weights)
+    if module.ema is not None:
+        module.ema.averaged.load_state_dict(module.tokenizer.state_dict())
+    log.info("initialised the tokenizer encoder from %s", weights)
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
@@ -65,9 +111,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     cfg = validate_train_config(cfg)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     L.seed_everything(cfg.seed, workers=True)
-    module, datamodule = build_generator_job(cfg)
+    ckpt_path = resolve_ckpt_path(cfg)
+    if cfg.task == "tokenizer":
+        module, datamodule = build_tokenizer_job(cfg)
+        if cfg.training.encoder_init_weights and ckpt_path is None:
+            initialise_encoder(module, cfg.training.encoder_init_weights)
+    else:
+        module, datamodule = build_generator_job(cfg)
     trainer = build_trainer(cfg)
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, Path(cfg.paths.output_dir) / "config.yaml")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return {key: float(value) for key, value in trainer.callback_metrics.items()}

@@ -131,6 +131,7 @@ class TrainerConfig:
 class PathsConfig:
     root_dir: str = "."
     data_dir: str = "data"
+    pretrained_dir: str = "pretrained"
     output_dir: str = "outputs"
     log_dir: str = "logs"
 
@@ -153,7 +154,150 @@ class GeneratorTrainConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
-SCHEMAS = {"generator": GeneratorTrainConfig}
+@dataclass
+class TokenizerLossConfig:
+    """Keyword arguments of `TokenizerReconstructionLoss`; a term with weight 0 needs no pretrained file."""
+
+    l1_weight: float = 0.1
+    l2_weight: float = 1.0
+    perceptual_weight: float = 1.1
+    lpips_weight: float = 1.0
+    convnext_weight: float = 0.1
+    gram_weight: float = 10.0
+    distill_weight: float = 0.7
+    vgg16_weights: str | None = None
+    lpips_weights: str | None = None
+    convnext_weights: str | None = None
+    imagenet_input_size: int = 224
+
+
+@dataclass
+class TokenizerOptimConfig:
+    learning_rate: float = 1e-4
+    discriminator_learning_rate: float = 1e-4
+    encoder_lr_multiplier: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_steps: int = 10_000
+    total_steps: int = 200_000
+    end_lr: float = 1e-5
+
+
+@dataclass
+class TokenizerTrainingConfig:
+    discriminator_start: int = 100_000
+    gan_weight: float = 0.05
+    ema: bool = True
+    ema_decay: float = 0.999
+    gradient_clip_val: float = 1.0
+    encoder_init_weights: str | None = None
+
+
+@dataclass
+class TokenizerEvaluationConfig:
+    rfid: bool = False
+    inception_weights: str | None = None
+
+
+@dataclass
+class ImageDataConfig:
+    """`source: webdataset` reads shards (ImageDataModule); `source: synthetic` generates images."""
+
+    source: str = "webdataset"
+    train_shards: str | None = None
+    eval_shards: str | None = None
+    batch_size: int = 32
+    eval_batch_size: int | None = None
+    num_workers: int = 0
+    resize_shorter_edge: int = 256
+    crop_size: int = 256
+    random_crop: bool = True
+    random_flip: bool = True
+    shuffle_buffer: int = 1000
+    samples_per_epoch: int = 1_281_167
+    seed: int = 0
+    max_skip_rate: float = 0.01
+    min_samples_for_skip_rate: int = 100
+    pin_memory: bool | None = None
+    persistent_workers: bool | None = None
+    synthetic_num_samples: int = 256
+    synthetic_val_num_samples: int = 0
+
+
+@dataclass
+class TokenizerTrainConfig:
+    task: str = "tokenizer"
+    experiment_name: str = "default"
+    seed: int = 42
+    float32_matmul_precision: str = "high"
+    ckpt_path: str | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
+    discriminator: dict[str, Any] | None = None
+    optim: TokenizerOptimConfig = field(default_factory=TokenizerOptimConfig)
+    training: TokenizerTrainingConfig = field(default_factory=TokenizerTrainingConfig)
+    evaluation: TokenizerEvaluationConfig = field(default_factory=TokenizerEvaluationConfig)
+    data: ImageDataConfig = field(default_factory=ImageDataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    logger: dict[str, Any] = field(default_factory=dict)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+SCHEMAS = {"generator": GeneratorTrainConfig, "tokenizer": TokenizerTrainConfig}
+
+
+def check_keyword_arguments(section: str, values: dict[str, Any], target: Any, exclude: tuple[str, ...] = ()) -> None:
+    """Every key of `values` must be a keyword argument of `target` (a class or function)."""
+    import inspect
+
+    accepted = set(inspect.signature(target).parameters) - set(exclude)
+    unknown = sorted(set(values) - accepted)
+    if unknown:
+        raise ConfigError(f"{section}: unknown key(s) {unknown}; accepted: {sorted(accepted)}")
+
+
+def validate_tokenizer_config(merged: DictConfig) -> None:
+    from bar_lightning.lightning.tokenizer_module import DISCRIMINATOR_KINDS, TOKENIZER_FAMILIES
+
+    if merged.discriminator is not None and len(merged.discriminator) == 0:
+        merged.discriminator = None  # `~discriminator` on the command line removes it
+    model = dict(merged.model)
+    family = model.pop("family", None)
+    if family not in TOKENIZER_FAMILIES:
+        raise ConfigError(f"model.family={family!r} is not a tokenizer family; use one of {sorted(TOKENIZER_FAMILIES)}")
+    check_keyword_arguments("model", model, TOKENIZER_FAMILIES[family])
+    if merged.discriminator is not None:
+        discriminator = dict(merged.discriminator)
+        kind = discriminator.pop("kind", None)
+        if kind not in DISCRIMINATOR_KINDS:
+            raise ConfigError(f"discriminator.kind={kind!r} is unknown; use one of {sorted(DISCRIMINATOR_KINDS)}")
+        check_keyword_arguments("discriminator", discriminator, DISCRIMINATOR_KINDS[kind])
+    training, data = merged.training, merged.data
+    if training.gan_weight > 0 and merged.discriminator is None:
+        raise ConfigError(f"training.gan_weight={training.gan_weight} needs a discriminator (discriminator=dino|patch)")
+    if not 0.0 <= training.ema_decay < 1.0:
+        raise ConfigError(f"training.ema_decay={training.ema_decay} must be in [0, 1)")
+    if merged.trainer.gradient_clip_val is not None:
+        raise ConfigError(
+            "trainer.gradient_clip_val must be null for the tokenizer (manual optimisation clips each optimiser "
+            "itself); set training.gradient_clip_val instead"
+        )
+    if "fsdp" in str(merged.trainer.strategy).lower():
+        raise ConfigError(
+            "trainer=fsdp is not supported for the tokenizer: it uses manual optimisation with two optimisers, "
+            "which Lightning's FSDP strategy does not support; use trainer=ddp"
+        )
+    if data.source not in ("webdataset", "synthetic"):
+        raise ConfigError(f"data.source={data.source!r}: use 'webdataset' or 'synthetic'")
+    if data.source == "webdataset" and not data.train_shards:
+        raise ConfigError("data.source=webdataset needs data.train_shards=<shard pattern, e.g. /data/train-{000000..000320}.tar>")
+    if data.crop_size != merged.model.get("image_size"):
+        raise ConfigError(f"data.crop_size={data.crop_size} does not match model.image_size={merged.model.get('image_size')}")
+    if merged.evaluation.rfid and not merged.evaluation.inception_weights:
+        raise ConfigError("evaluation.rfid=true needs evaluation.inception_weights=<FID Inception weights file>")
+
+
 
 
 def merge_with_schema(cfg: DictConfig, schema: type) -> DictConfig:
@@ -217,6 +361,9 @@ def validate_train_config(cfg: DictConfig) -> DictConfig:
     if task not in SCHEMAS:
         raise ConfigError(f"task={task!r} is unknown; use one of {sorted(SCHEMAS)} (set by the experiment)")
     merged = merge_with_schema(cfg, SCHEMAS[task])
+    if task == "tokenizer":
+        validate_tokenizer_config(merged)
+        return merged
     bits_per_step = check_generator_model(merged.model)
     check_sampling(merged.sampling, bits_per_step, merged.model.head)
     training, optim, data = merged.training, merged.optim, merged.data

@@ -1,0 +1,294 @@
+"""LightningModule that trains a binary-FSQ tokenizer with a GAN discriminator (manual optimisation)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torchvision
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from bar_lightning.lightning.ema import EMA
+from bar_lightning.lightning.generator_module import upstream_no_decay, warmup_cosine
+from bar_lightning.models.conv_tokenizer import ConvFSQTokenizer
+from bar_lightning.models.discriminator import DinoDiscriminator, PatchDiscriminator
+from bar_lightning.models.losses import (
+    TokenizerReconstructionLoss,
+    generator_adversarial_loss,
+    hinge_d_loss,
+    quantize_to_uint8_grid,
+)
+from bar_lightning.models.tokenizer import BarFSQTokenizer
+
+TOKENIZER_FAMILIES = {"bar_fsq": BarFSQTokenizer, "conv": ConvFSQTokenizer}
+DISCRIMINATOR_KINDS = {"dino": DinoDiscriminator, "patch": PatchDiscriminator}
+
+
+def build_tokenizer(config: dict[str, Any], **overrides: Any) -> nn.Module:
+    """`config` = {"family": "bar_fsq" | "conv", **keyword arguments of that class}."""
+    kwargs = {**config, **overrides}
+    family = kwargs.pop("family")
+    if family not in TOKENIZER_FAMILIES:
+        raise ValueError(f"model.family={family!r} is not a tokenizer family; use one of {sorted(TOKENIZER_FAMILIES)}")
+    return TOKENIZER_FAMILIES[family](**kwargs)
+
+
+def build_discriminator(config: dict[str, Any]) -> nn.Module:
+    kwargs = dict(config)
+    kind = kwargs.pop("kind")
+    if kind not in DISCRIMINATOR_KINDS:
+        raise ValueError(f"discriminator.kind={kind!r} is unknown; use one of {sorted(DISCRIMINATOR_KINDS)}")
+    return DISCRIMINATOR_KINDS[kind](**kwargs)
+
+
+def bit_entropy(bits: torch.Tensor) -> torch.Tensor:
+    """Entropy (in bits) of each FSQ channel over all tokens of `bits [..., Cb]`; 1.0 = a perfectly used bit."""
+    p = bits.reshape(-1, bits.shape[-1]).float().mean(0).clamp(1e-6, 1 - 1e-6)
+    return -(p * p.log2() + (1 - p) * (1 - p).log2())  # [Cb]
+
+
+class TokenizerModule(L.LightningModule):
+    """Autoencoder (G) and discriminator (D) trained with the official schedule.
+
+    Before `training.discriminator_start` every batch is a G step. From then on G and D steps alternate batch by
+    batch (G first), so `global_step` counts both kinds, as upstream. A D batch recomputes the reconstructions with
+    the autoencoder in eval mode and without gradients. The EMA of the autoencoder is updated after every batch and
+    is what validation and export use.
+    """
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        loss: dict[str, Any],
+        discriminator: dict[str, Any] | None,
+        optim: dict[str, Any],
+        training: dict[str, Any],
+        evaluation: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        # Losses and discriminator first: they check their pretrained files before the (large) tokenizer is built.
+        self.loss = TokenizerReconstructionLoss(**loss)
+        self.discriminator = build_discriminator(discriminator) if discriminator and training["gan_weight"] > 0 else None
+        self.tokenizer = build_tokenizer(model)
+        self.ema = EMA(self.tokenizer, decay=training["ema_decay"]) if training.get("ema", True) else None
+        self.evaluation = evaluation or {}
+        self._val_outputs: dict[str, list[torch.Tensor]] = {}
+
+    # ----------------------------------------------------------------- schedule
+    def uses_discriminator(self, step: int) -> bool:
+        return self.discriminator is not None and step >= self.hparams.training["discriminator_start"]
+
+    def is_generator_step(self, step: int) -> bool:
+        """G before the discriminator starts; afterwards G on even offsets from the start, D on odd ones."""
+        if not self.uses_discriminator(step):
+            return True
+        return (step - self.hparams.training["discriminator_start"]) % 2 == 0
+
+    # ----------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        images = batch["image"]
+        step = self.global_step
+        optimizers = self.optimizers()
+        schedulers = self.lr_schedulers()
+        if not isinstance(optimizers, list):
+            optimizers, schedulers = [optimizers], [schedulers]
+        training = self.hparams.training
+        batch_size = images.shape[0]
+
+        if self.is_generator_step(step):
+            if self.discriminator is not None:
+                self.discriminator.requires_grad_(False)  # G step: D is a fixed critic
+            output = self.tokenizer(images)
+            total, terms = self.loss(output.reconstruction, images, output.clip_prediction, output.clip_target)
+            if self.uses_discriminator(step):
+                adversarial = generator_adversarial_loss(self.discriminator(output.reconstruction))
+                total = total + training["gan_weight"] * adversarial
+                terms["gan"] = adversarial.detach()
+            self._check_finite(total, "autoencoder")
+            optimizer, scheduler = optimizers[0], schedulers[0]
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(total)
+            self.clip_gradients(optimizer, gradient_clip_val=training["gradient_clip_val"], gradient_clip_algorithm="norm")
+            optimizer.step()
+            scheduler.step()
+            self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
+            for name, value in terms.items():
+                self.log(f"train/{name}", value, batch_size=batch_size)
+            self.log("train/bit_entropy", bit_entropy(output.bits).mean(), batch_size=batch_size)
+        else:
+            self.discriminator.requires_grad_(True)
+            with torch.no_grad():
+                self.tokenizer.eval()
+                reconstruction = self.tokenizer(images).reconstruction
+                self.tokenizer.train()
+            logits_real = self.discriminator(images)
+            logits_fake = self.discriminator(quantize_to_uint8_grid(reconstruction))
+            loss = hinge_d_loss(logits_real, logits_fake)
+            self._check_finite(loss, "discriminator")
+            optimizer, scheduler = optimizers[1], schedulers[1]
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            self.clip_gradients(optimizer, gradient_clip_val=training["gradient_clip_val"], gradient_clip_algorithm="norm")
+            optimizer.step()
+            scheduler.step()
+            self.log("train/d_loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+            self.log("train/logits_real", logits_real.detach().mean(), batch_size=batch_size)
+            self.log("train/logits_fake", logits_fake.detach().mean(), batch_size=batch_size)
+        self.log("train/generator_step", float(self.is_generator_step(step)), batch_size=batch_size)
+        skip_counter = getattr(getattr(self._trainer, "datamodule", None), "skip_counter", None)
+        if skip_counter is not None:
+            self.log("data/skipped", float(skip_counter.skipped), batch_size=batch_size)
+        self.log("train/lr", optimizers[0].param_groups[-1]["lr"], batch_size=batch_size)
+        if self.ema is not None:
+            self.ema.update(self.tokenizer)
+
+    def _check_finite(self, loss: torch.Tensor, which: str) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite {which} loss {loss.item()} at global step {self.global_step}; the last saved checkpoint "
+                "is kept. Lower the learning rate or check the data."
+            )
+
+    # ----------------------------------------------------------------- optimisers
+    def configure_optimizers(self) -> list[dict[str, Any]]:
+        optim = self.hparams.optim
+        source = self.trainer.model if self._trainer is not None else self
+        base_lr, encoder_lr = optim["learning_rate"], optim["learning_rate"] * optim["encoder_lr_multiplier"]
+        groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+        discriminator_params = []
+        for name, parameter in source.named_parameters():
+            if not parameter.requires_grad:  # frozen encoder parts, EMA copy, pretrained loss networks
+                continue
+            if "discriminator" in name:
+                discriminator_params.append(parameter)
+                continue
+            part = "encoder" if "encoder" in name else "other"
+            groups.setdefault((part, upstream_no_decay(name, parameter)), []).append(parameter)
+        param_groups = [
+            {"params": params, "lr": encoder_lr if part == "encoder" else base_lr,
+             "weight_decay": 0.0 if no_decay else optim["weight_decay"]}
+            for (part, no_decay), params in sorted(groups.items())
+        ]
+        betas = tuple(optim["betas"])
+
+        def schedule(optimizer: torch.optim.Optimizer, peak_lr: float) -> dict[str, Any]:
+            scheduler = LambdaLR(optimizer, lambda step: warmup_cosine(
+                step, warmup_steps=optim["warmup_steps"], total_steps=optim["total_steps"],
+                base_lr=peak_lr, end_lr=optim["end_lr"],
+            ))
+            return {"scheduler": scheduler, "interval": "step"}
+
+        autoencoder_optimizer = torch.optim.AdamW(param_groups, lr=base_lr, betas=betas)
+        configs = [{"optimizer": autoencoder_optimizer, "lr_scheduler": schedule(autoencoder_optimizer, base_lr)}]
+        if self.discriminator is not None:
+            disc_lr = optim["discriminator_learning_rate"]
+            discriminator_optimizer = torch.optim.AdamW(
+                discriminator_params, lr=disc_lr, betas=betas, weight_decay=optim["weight_decay"]
+            )
+            configs.append({"optimizer": discriminator_optimizer,
+                            "lr_scheduler": schedule(discriminator_optimizer, disc_lr)})
+        return configs
+
+    # ----------------------------------------------------------------- validation
+    def eval_tokenizer(self) -> nn.Module:
+        """The EMA weights when they exist (used for validation and export), else the live ones."""
+        return self.ema.averaged if self.ema is not None else self.tokenizer
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs = {"mse": [], "psnr": [], "ssim": [], "lpips": [], "bits": []}
+        if self.evaluation.get("rfid", False):
+            self._fid().reset()
+
+    def _fid(self):
+        if not hasattr(self, "_fid_metric"):
+            from torchmetrics.image.fid import FrechetInceptionDistance
+
+            weights = self.evaluation.get("inception_weights")
+            if not weights or not Path(weights).is_file():
+                raise FileNotFoundError(
+                    f"evaluation.inception_weights={weights!r} not found: rFID needs the FID Inception weights "
+                    "(weights-inception-2015-12-05-6726825d.pth); set evaluation.rfid=false to skip it"
+                )
+            metric = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=weights)
+            # Kept outside the module's children so the Inception weights never enter checkpoints.
+            object.__setattr__(self, "_fid_metric", metric.to(self.device))
+        return self._fid_metric
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        from torchmetrics.functional.image import structural_similarity_index_measure
+
+        images = batch["image"]
+        tokenizer = self.eval_tokenizer()
+        output = tokenizer(images)
+        reconstruction = output.reconstruction.clamp(-1, 1)
+        real01, fake01 = (images + 1) / 2, (reconstruction + 1) / 2
+        # PSNR per image, then averaged (the usual reconstruction protocol), rather than PSNR of the pooled MSE.
+        per_image_mse = ((real01 - fake01) ** 2).flatten(1).mean(1)
+        self._val_outputs["mse"].append(per_image_mse)
+        self._val_outputs["psnr"].append(-10 * torch.log10(per_image_mse.clamp_min(1e-10)))
+        self._val_outputs["ssim"].append(
+            structural_similarity_index_measure(fake01, real01, data_range=1.0, reduction="none").reshape(-1)
+        )
+        lpips = self._lpips_network()
+        if lpips is not None:
+            self._val_outputs["lpips"].append(lpips(reconstruction, images).reshape(-1))
+        self._val_outputs["bits"].append(output.bits.reshape(-1, output.bits.shape[-1]))
+        if self.evaluation.get("rfid", False):
+            self._fid().update(real01, real=True)
+            self._fid().update(fake01, real=False)
+        if batch_idx == 0:
+            self._log_grid(images, reconstruction)
+
+    def on_validation_epoch_end(self) -> None:
+        outputs = {key: torch.cat(values) for key, values in self._val_outputs.items() if values}
+        if not outputs:
+            return
+        for key in ("mse", "psnr", "ssim", "lpips"):
+            if key in outputs:
+                self.log(f"val/{key}", outputs[key].mean(), sync_dist=True)
+        entropy = bit_entropy(outputs["bits"])
+        self.log("val/bit_entropy", entropy.mean(), sync_dist=True)
+        self.log("val/bit_entropy_min", entropy.min(), sync_dist=True)
+        if self.evaluation.get("rfid", False):
+            self.log("val/rfid", self._fid().compute())
+
+    def _lpips_network(self) -> nn.Module | None:
+        """The training loss's LPIPS network, reused for validation LPIPS when the perceptual loss has one."""
+        if "perceptual" not in self.loss.frozen_names():
+            return None
+        return self.loss.frozen("perceptual").lpips
+
+    def _log_grid(self, images: torch.Tensor, reconstruction: torch.Tensor) -> None:
+        count = min(8, images.shape[0])
+        pairs = torch.stack([images[:count], reconstruction[:count]], dim=1).flatten(0, 1)  # real, recon, real, ...
+        grid = torchvision.utils.make_grid((pairs + 1) / 2, nrow=2 * int(math.ceil(count / 2)), value_range=(0, 1))
+        for logger in self.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_image"):
+                experiment.add_image("val/reconstructions", grid.clamp(0, 1), global_step=self.global_step)
+
+    # ----------------------------------------------------------------- export
+    @classmethod
+    def load_tokenizer(cls, checkpoint_path: str | Path, *, use_ema: bool = True, decode_only: bool = False) -> nn.Module:
+        """The tokenizer alone from a training checkpoint, without building losses or discriminators.
+
+        No pretrained loss network is needed; `decode_only=True` drops the encoder too (sampling needs only the
+        decoder).
+        """
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        hparams = checkpoint["hyper_parameters"]
+        has_ema = any(key.startswith("ema.averaged.") for key in checkpoint["state_dict"])
+        prefix = "ema.averaged." if use_ema and has_ema else "tokenizer."
+        state = {key[len(prefix):]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
+        overrides = {"build_encoder": False} if decode_only else {}
+        tokenizer = build_tokenizer(hparams["model"], **overrides)
+        if decode_only:
+            state = {key: value for key, value in state.items() if not key.startswith("encoder.")}
+        tokenizer.load_state_dict(state, strict=True)
+        return tokenizer.eval()

@@ -1,0 +1,172 @@
+"""TokenizerModule: the G/D schedule, the EMA, a tiny fit, checkpoint export, configuration errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from bar_lightning.config.schema import ConfigError, validate_train_config
+from bar_lightning.lightning.ema import EMA, ema_decay
+from bar_lightning.lightning.tokenizer_module import TokenizerModule, bit_entropy
+from bar_lightning.models.conv_tokenizer import ConvFSQTokenizer
+from bar_lightning.run import build_tokenizer_job, build_trainer
+
+from .test_configs import compose_train
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger=csv"]
+
+
+class OptimizerStepRecorder(L.Callback):
+    """Records, per batch, which optimiser took a step (from AdamW's per-parameter step counters)."""
+
+    def __init__(self) -> None:
+        self.kinds: list[str] = []
+        self._before: tuple[int, int] = (0, 0)
+
+    @staticmethod
+    def _steps(trainer: L.Trainer) -> tuple[int, int]:
+        counts = []
+        for optimizer in trainer.optimizers:
+            states = [state for state in optimizer.state.values() if "step" in state]
+            counts.append(int(states[0]["step"]) if states else 0)
+        return tuple(counts + [0] * (2 - len(counts)))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._before = self._steps(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        after = self._steps(trainer)
+        stepped = [name for name, b, a in zip("GD", self._before, after) if a > b]
+        self.kinds.append("".join(stepped))
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer_fit(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("tiny_tokenizer")
+    cfg = validate_train_config(compose_train(["experiment=tiny_tokenizer", *QUIET], output_dir))
+    L.seed_everything(cfg.seed)
+    module, datamodule = build_tokenizer_job(cfg)
+    recorder = OptimizerStepRecorder()
+    trainer = build_trainer(cfg)
+    trainer.callbacks.append(recorder)
+    initial = {key: value.clone() for key, value in module.tokenizer.state_dict().items()}
+    trainer.fit(module, datamodule=datamodule)
+    return cfg, module, trainer, recorder, initial, output_dir
+
+
+def test_generator_and_discriminator_alternate_after_the_start_step(tiny_tokenizer_fit):
+    cfg, module, trainer, recorder, *_ = tiny_tokenizer_fit
+    start, steps = cfg.training.discriminator_start, cfg.trainer.max_steps
+    expected = ["G"] * start + ["G" if (step - start) % 2 == 0 else "D" for step in range(start, steps)]
+    assert recorder.kinds == expected
+    assert trainer.global_step == steps  # global_step counts both kinds, as upstream
+    assert [module.is_generator_step(s) for s in range(start + 4)] == [True] * (start + 1) + [False, True, False]
+
+
+def test_tiny_tokenizer_learns_and_uses_its_bits(tiny_tokenizer_fit):
+    _, module, trainer, _, initial, _ = tiny_tokenizer_fit
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["train/d_loss"])
+    assert float(metrics["val/psnr"]) > 11.0  # a blank (all-zero) reconstruction of these images gives ~7 dB
+    assert float(metrics["val/bit_entropy"]) > 0.5  # bits are used, not stuck at one value
+    assert any(not torch.equal(initial[k], v) for k, v in module.tokenizer.state_dict().items())
+
+
+def test_ema_weights_follow_the_official_recurrence():
+    assert [ema_decay(u, 0.999) for u in (1, 2, 3)] == [0.0, 2 / 11, 3 / 12]
+    assert ema_decay(10_000, 0.999) == 0.999
+    model = nn.Linear(2, 1, bias=False)
+    ema = EMA(model, decay=0.999)
+    expected = model.weight.detach().clone()
+    for update in range(1, 6):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        decay = ema.update(model)
+        expected = decay * expected + (1 - decay) * model.weight.detach()
+        assert decay == ema_decay(update, 0.999)
+        assert torch.allclose(ema.averaged.weight, expected)
+    assert int(ema.num_updates) == 5 and "num_updates" in ema.state_dict()
+
+
+def test_checkpoint_holds_the_ema_and_exports_a_decoder_only_tokenizer(tiny_tokenizer_fit):
+    _, module, *_, output_dir = tiny_tokenizer_fit
+    path = output_dir / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    assert any(key.startswith("ema.averaged.") for key in checkpoint["state_dict"])
+    assert not any("lpips" in key or "vgg" in key for key in checkpoint["state_dict"])
+    exported = TokenizerModule.load_tokenizer(path, use_ema=True)
+    for key, value in module.ema.averaged.state_dict().items():
+        assert torch.equal(exported.state_dict()[key], value)
+    decoder_only = TokenizerModule.load_tokenizer(path, decode_only=True)
+    assert decoder_only.encoder is None
+    bits = exported.encode_bits(torch.rand(2, 3, 16, 16) * 2 - 1)
+    assert bits.shape == (2, 16 * 6) and set(bits.unique().tolist()) <= {0, 1}
+    assert torch.allclose(decoder_only.decode_bits(bits), exported.decode_bits(bits))
+    reloaded = TokenizerModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    assert torch.equal(reloaded.tokenizer.quantize.in_proj.weight, module.tokenizer.quantize.in_proj.weight)
+
+
+def test_conv_tokenizer_rejects_bad_input_and_starts_with_balanced_bits():
+    tokenizer = ConvFSQTokenizer(image_size=16, bits_per_token=6, base_channels=16, encoder_width=32,
+                                 decoder_width=32)
+    with pytest.raises(ValueError, match=r"\[B, 3, 16, 16\].*got \(1, 1, 16, 16\)"):
+        tokenizer.encode_bits(torch.zeros(1, 1, 16, 16))
+    with pytest.raises(ValueError, match=r"\[B, 96\]"):
+        tokenizer.decode_bits(torch.zeros(1, 95, dtype=torch.long))
+    bits = tokenizer.encode_token_bits(torch.rand(8, 3, 16, 16) * 2 - 1)
+    assert bit_entropy(bits).mean() > 0.5
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer=fsdp"], "trainer=fsdp is not supported for the tokenizer"),
+        (["~discriminator"], r"discriminator\.kind=None is unknown"),
+        (["+model.hidden=3"], r"model: unknown key\(s\) \['hidden'\]"),
+        (["trainer.gradient_clip_val=1.0"], "manual optimisation"),
+        (["data.crop_size=32"], "does not match model.image_size=16"),
+    ],
+)
+def test_invalid_tokenizer_configs_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_train_config(compose_train(["experiment=tiny_tokenizer", *overrides]))
+
+
+def test_gan_weight_without_discriminator_is_refused():
+    from omegaconf import open_dict
+
+    cfg = compose_train(["experiment=tiny_tokenizer"])
+    with open_dict(cfg):
+        cfg.discriminator = None
+    with pytest.raises(ConfigError, match="training.gan_weight=0.1 needs a discriminator"):
+        validate_train_config(cfg)
+
+
+@pytest.mark.parametrize("experiment, bits, size", [("bar_fsq_16bits", 16, 256), ("bar_fsq_10bits_res512", 10, 512)])
+def test_official_tokenizer_recipes_compose(experiment, bits, size):
+    cfg = validate_train_config(compose_train([f"experiment={experiment}", "data.train_shards='/x/{0..1}.tar'"]))
+    assert (cfg.model.bits_per_token, cfg.model.image_size, cfg.data.crop_size) == (bits, size, size)
+    assert (cfg.loss.l1_weight, cfg.loss.l2_weight, cfg.loss.perceptual_weight, cfg.loss.gram_weight,
+            cfg.loss.distill_weight) == (0.1, 1.0, 1.1, 10.0, 0.7)
+    assert (cfg.training.discriminator_start, cfg.training.gan_weight, cfg.training.ema_decay) == (100_000, 0.05, 0.999)
+    assert (cfg.optim.learning_rate, cfg.optim.encoder_lr_multiplier, cfg.optim.warmup_steps) == (1e-4, 0.1, 10_000)
+    assert cfg.trainer.max_steps == 200_000 and cfg.discriminator.kind == "dino"
+
+
+def test_missing_pretrained_file_stops_before_training(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "experiment=bar_fsq_16bits", "trainer=cpu",
+         "training.encoder_init_weights=null", "data.train_shards='/nonexistent/{000000..000001}.tar'",
+         f"paths.pretrained_dir={tmp_path}/pretrained", f"hydra.run.dir={tmp_path}/run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert f"{tmp_path}/pretrained/vgg16-397923af.pth" in result.stderr and "LPIPS" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
