@@ -37,12 +37,16 @@ class ResidualConvBlock(nn.Module):
 
 
 class ConvEncoder(nn.Module):
-    """Images `[B, C, H, W]` -> features `[B, (H/f)*(W/f), width]`, f = 2^(len(channel_multipliers) - 1)."""
+    """Images `[B, C, H, W]` -> features `[B, (H/f)*(W/f), width]`, f = patch_size * 2^(len(channel_multipliers) - 1)."""
 
     def __init__(self, *, in_channels: int, base_channels: int, channel_multipliers: tuple[int, ...],
-                 blocks_per_level: int, width: int) -> None:
+                 blocks_per_level: int, width: int, patch_size: int = 1) -> None:
         super().__init__()
-        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        # A patchifying stem (kernel = stride = patch_size) keeps every later conv at low resolution: cheap on CPU.
+        self.conv_in = (
+            nn.Conv2d(in_channels, base_channels, 3, padding=1) if patch_size == 1
+            else nn.Conv2d(in_channels, base_channels, patch_size, stride=patch_size)
+        )
         levels: list[nn.Module] = []
         channels = base_channels
         for level, multiplier in enumerate(channel_multipliers):
@@ -68,7 +72,7 @@ class ConvDecoder(nn.Module):
     """Features `[B, h*w, width]` -> images `[B, C, h*f, w*f]` in the [-1, 1] scale (not clamped)."""
 
     def __init__(self, *, out_channels: int, base_channels: int, channel_multipliers: tuple[int, ...],
-                 blocks_per_level: int, width: int, grid_size: int) -> None:
+                 blocks_per_level: int, width: int, grid_size: int, patch_size: int = 1) -> None:
         super().__init__()
         self.grid_size = grid_size
         channels = base_channels * channel_multipliers[-1]
@@ -85,13 +89,20 @@ class ConvDecoder(nn.Module):
             levels.append(nn.Sequential(*blocks))
         self.levels = nn.Sequential(*levels)
         self.norm_out = _group_norm(channels)
+        # Patch stem mirrored: a 1x1 conv to p*p*C values per position and a pixel shuffle, then a 3x3 conv to
+        # smooth patch seams (the BAR-FSQ decoder's head has the same shape).
+        self.to_pixels = (
+            nn.Sequential(nn.Conv2d(channels, channels * patch_size**2, 1), nn.PixelShuffle(patch_size))
+            if patch_size > 1 else nn.Identity()
+        )
         self.conv_out = nn.Conv2d(channels, out_channels, 3, padding=1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         batch, tokens, width = features.shape
         x = features.transpose(1, 2).reshape(batch, width, self.grid_size, self.grid_size)  # [B, width, h, w]
         x = self.levels(self.conv_in(x))
-        return self.conv_out(F.silu(self.norm_out(x)))  # [B, C, H, W]
+        x = self.to_pixels(F.silu(self.norm_out(x)))  # [B, c, H, W]
+        return self.conv_out(x)  # [B, C, H, W]
 
 
 class ConvFSQTokenizer(nn.Module):
@@ -102,7 +113,8 @@ class ConvFSQTokenizer(nn.Module):
         in_channels: image channels (3; grey images are converted to RGB by the data pipeline).
         bits_per_token: FSQ channels (bits) per token.
         base_channels, channel_multipliers, blocks_per_level: convolution widths; the token grid is
-            `image_size / 2^(len(channel_multipliers) - 1)` on a side.
+            `image_size / (patch_size * 2^(len(channel_multipliers) - 1))` on a side.
+        patch_size: side of the patchifying stem (1 = a 3x3 stem at full resolution).
         encoder_width, decoder_width: widths around the quantiser (`in_proj: encoder_width -> bits`,
             `out_proj: bits -> decoder_width`).
         build_encoder: False builds a decode-only tokenizer.
@@ -119,11 +131,12 @@ class ConvFSQTokenizer(nn.Module):
         blocks_per_level: int = 1,
         encoder_width: int = 128,
         decoder_width: int = 128,
+        patch_size: int = 1,
         build_encoder: bool = True,
     ) -> None:
         super().__init__()
         channel_multipliers = tuple(int(m) for m in channel_multipliers)
-        downsample = 2 ** (len(channel_multipliers) - 1)
+        downsample = patch_size * 2 ** (len(channel_multipliers) - 1)
         if image_size % downsample:
             raise ValueError(
                 f"image_size={image_size} is not divisible by the encoder's downsampling factor {downsample} "
@@ -138,11 +151,11 @@ class ConvFSQTokenizer(nn.Module):
         if build_encoder:
             self.encoder = ConvEncoder(in_channels=in_channels, base_channels=base_channels,
                                        channel_multipliers=channel_multipliers, blocks_per_level=blocks_per_level,
-                                       width=encoder_width)
+                                       width=encoder_width, patch_size=patch_size)
         self.quantize = BinaryFSQ(encoder_width, decoder_width, bits_per_token)
         self.decoder = ConvDecoder(out_channels=in_channels, base_channels=base_channels,
                                    channel_multipliers=channel_multipliers, blocks_per_level=blocks_per_level,
-                                   width=decoder_width, grid_size=self.grid_size)
+                                   width=decoder_width, grid_size=self.grid_size, patch_size=patch_size)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
