@@ -1,18 +1,19 @@
-"""Sample from a generator: `python evaluate.py generator.checkpoint=<ckpt> sampling=bar_b`.
+"""Evaluate a generator: `python evaluate.py generator.checkpoint=<ckpt> tokenizer.checkpoint=<ckpt> sampling=bar_b`.
 
-Writes `samples_bits.npz` (bits of every sample and its class) in the Hydra run directory.
+Writes samples_bits.npz, samples.npz (ADM format) and metrics.json in the Hydra run directory; `speed.enabled=true`
+reports images/s instead. Several processes: `torchrun --nproc_per_node 8 evaluate.py ...`.
 """
 
 import hydra
 from omegaconf import DictConfig
 
 from bar_lightning.config.schema import validate_evaluate_config
-from bar_lightning.eval.sampling import run_sampling
+from bar_lightning.eval.evaluate import run_evaluation
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    run_sampling(validate_evaluate_config(cfg))
+    run_evaluation(validate_evaluate_config(cfg))
 
 
 if __name__ == "__main__":

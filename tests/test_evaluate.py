@@ -15,7 +15,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from bar_lightning.config.schema import ConfigError, validate_evaluate_config
-from bar_lightning.eval.sampling import balanced_labels, run_sampling
+from bar_lightning.eval.evaluate import run_evaluation, shard_indices
+from bar_lightning.eval.sampling import balanced_labels
 
 from .conftest import FIXTURES
 
@@ -47,10 +48,11 @@ def test_sampling_released_weights_reproduces_the_recorded_bits(upstream_a1, tmp
     cfg = validate_evaluate_config(compose_evaluate(
         [f"generator.upstream_weights={weights}", f"generator.upstream_config={config_path}", "sampling=tiny",
          "sampling.guidance_scale=3.0", "sampling.temperature=0.0", "classes=[3,8]", "num_samples_per_class=1",
-         "device=cpu"],
+         "device=cpu", "save.npz=false", "metrics.names=[]"],
         tmp_path,
     ))
-    saved = np.load(run_sampling(cfg), allow_pickle=False)
+    run_evaluation(cfg)
+    saved = np.load(tmp_path / "samples_bits.npz", allow_pickle=False)
     assert saved["bits"].dtype == np.uint8 and saved["labels"].tolist() == [3, 8]
     from safetensors.torch import load_file
 
@@ -63,7 +65,7 @@ def test_evaluate_cli_balances_classes_and_batches(upstream_a1, tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "evaluate.py"), f"generator.upstream_weights={weights}",
          f"generator.upstream_config={config_path}", "sampling=tiny", "num_samples_per_class=3", "batch_size=7",
-         "device=cpu", f"hydra.run.dir={tmp_path}"],
+         "device=cpu", "save.npz=false", "metrics.names=[]", f"hydra.run.dir={tmp_path}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -83,4 +85,18 @@ def test_missing_weight_file_is_named(upstream_a1, tmp_path):
     cfg = validate_evaluate_config(compose_evaluate(
         ["generator.upstream_weights=/nonexistent/bar_b.bin", f"generator.upstream_config={config_path}"], tmp_path))
     with pytest.raises(FileNotFoundError, match="/nonexistent/bar_b.bin"):
-        run_sampling(cfg)
+        run_evaluation(cfg)
+
+
+def test_shards_cover_every_sample_once():
+    shards = [shard_indices(103, rank, 4) for rank in range(4)]
+    assert sorted(i for shard in shards for i in shard) == list(range(103))
+
+
+def test_images_without_a_tokenizer_are_refused(upstream_a1, tmp_path):
+    config_path, weights, _ = upstream_a1
+    cfg = validate_evaluate_config(compose_evaluate(
+        [f"generator.upstream_weights={weights}", f"generator.upstream_config={config_path}", "sampling=tiny",
+         "metrics.names=[]", "device=cpu"], tmp_path))
+    with pytest.raises(ConfigError, match="need a tokenizer"):
+        run_evaluation(cfg)

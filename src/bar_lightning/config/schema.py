@@ -397,8 +397,8 @@ def validate_train_config(cfg: DictConfig) -> DictConfig:
 
 
 @dataclass
-class GeneratorSourceConfig:
-    """Where evaluate.py takes the generator from: a checkpoint of this project, or released upstream weights."""
+class ModelSourceConfig:
+    """A network for evaluate.py: a checkpoint of this project, or released weights with their official yaml."""
 
     checkpoint: str | None = None
     upstream_weights: str | None = None
@@ -406,17 +406,48 @@ class GeneratorSourceConfig:
 
 
 @dataclass
+class SaveConfig:
+    npz: bool = True  # ADM-style samples.npz (arr_0: N x H x W x 3 uint8)
+    png: bool = False  # one PNG per sample under samples/
+
+
+@dataclass
+class MetricsConfig:
+    names: list[str] = field(default_factory=lambda: ["fid", "isc", "kid", "prc"])
+    # "inception" (torch-fidelity, FID Inception weights from a local file) or "demo_classifier" (Fashion-MNIST demo)
+    feature_network: str = "inception"
+    reference: str | None = None
+    inception_weights: str | None = None
+    demo_classifier: str | None = None
+    batch_size: int = 200
+    kid_subset_size: int = 1000
+    allow_small_sample: bool = False
+
+
+@dataclass
+class SpeedConfig:
+    enabled: bool = False
+    warmup_batches: int = 10
+    timed_batches: int = 20
+    include_decoder: bool = False
+
+
+@dataclass
 class EvaluateConfig:
     task: str = "evaluate"
     experiment_name: str = "evaluate"
     seed: int = 0
-    generator: GeneratorSourceConfig = field(default_factory=GeneratorSourceConfig)
+    generator: ModelSourceConfig = field(default_factory=ModelSourceConfig)
+    tokenizer: ModelSourceConfig = field(default_factory=ModelSourceConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     num_samples_per_class: int = 50
     classes: list[int] | None = None
     batch_size: int = 125
     device: str = "auto"
     float32_matmul_precision: str = "high"
+    save: SaveConfig = field(default_factory=SaveConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
@@ -434,4 +465,15 @@ def validate_evaluate_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError("num_samples_per_class and batch_size must be positive")
     if merged.sampling.temperature < 0:
         raise ConfigError(f"sampling.temperature={merged.sampling.temperature} must be >= 0")
+    tokenizer = merged.tokenizer
+    if tokenizer.checkpoint and tokenizer.upstream_weights:
+        raise ConfigError("give one of tokenizer.checkpoint or tokenizer.upstream_weights, not both")
+    if tokenizer.upstream_weights and not tokenizer.upstream_config:
+        raise ConfigError("tokenizer.upstream_weights needs tokenizer.upstream_config=<the official tokenizer yaml>")
+    if merged.metrics.feature_network not in ("inception", "demo_classifier"):
+        raise ConfigError(
+            f"metrics.feature_network={merged.metrics.feature_network!r}: use 'inception' or 'demo_classifier'"
+        )
+    if merged.speed.enabled and (merged.speed.timed_batches <= 0 or merged.speed.warmup_batches < 0):
+        raise ConfigError("speed.timed_batches must be > 0 and speed.warmup_batches >= 0")
     return merged

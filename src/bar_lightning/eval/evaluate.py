@@ -1,0 +1,320 @@
+"""What evaluate.py does: sample a class-balanced set, decode it, save it, score it, or time it.
+
+Sharding: sample `i` of the global list has class `labels[i]` and seed `seed + i`; rank `r` of `W` generates the
+samples `i = r, r + W, ...` in batches (a batch's random stream is seeded with the seed of its first sample), so the
+set of (class, seed) pairs does not depend on the number of processes and no sample is generated twice. Rank 0
+merges the parts in global order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.progress import Progress
+
+from bar_lightning.config.schema import ConfigError
+from bar_lightning.eval.sampling import balanced_labels, load_generator_from_source, resolve_device
+from bar_lightning.models.bar import BARGenerator
+from bar_lightning.models.mbm_head import validate_tokens_allocation
+
+log = logging.getLogger(__name__)
+
+
+def to_uint8_images(images: torch.Tensor) -> np.ndarray:
+    """`[B, 3, H, W]` in [-1, 1] -> `[B, H, W, 3]` uint8, clamped then truncated as the official sampler does."""
+    scaled = torch.clamp(127.5 * images + 128.0, 0, 255)
+    return scaled.permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
+
+
+def load_tokenizer_from_source(source: DictConfig, *, decode_only: bool = True) -> torch.nn.Module:
+    """The tokenizer for decoding: a TokenizerModule checkpoint (EMA weights) or released weights + yaml."""
+    if source.get("checkpoint"):
+        from bar_lightning.lightning.tokenizer_module import TokenizerModule
+
+        path = Path(source.checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer.checkpoint={path} does not exist (a checkpoint written by train.py)")
+        return TokenizerModule.load_tokenizer(path, use_ema=True, decode_only=decode_only)
+    from bar_lightning.compat.upstream import load_tokenizer
+
+    config_path, weights = Path(source.upstream_config or ""), Path(source.upstream_weights or "")
+    for key, path in (("upstream_config", config_path), ("upstream_weights", weights)):
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer.{key}={path} does not exist")
+    config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=False)
+    return load_tokenizer(config, weights, decode_only=decode_only)
+
+
+def distributed_context() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment, initialising the process group when needed."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world_size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return rank, world_size
+
+
+def shard_indices(num_samples: int, rank: int, world_size: int) -> list[int]:
+    return list(range(rank, num_samples, world_size))
+
+
+def check_compatible(generator: BARGenerator, tokenizer: torch.nn.Module) -> None:
+    if generator.num_tokens != tokenizer.num_tokens or generator.bits_per_token != tokenizer.bits_per_token:
+        raise ConfigError(
+            f"the generator makes {generator.num_tokens} tokens of {generator.bits_per_token} bits but the tokenizer "
+            f"decodes {tokenizer.num_tokens} tokens of {tokenizer.bits_per_token} bits: pair each generator with the "
+            "tokenizer it was trained on"
+        )
+
+
+@torch.no_grad()
+def generate_shard(
+    generator: BARGenerator,
+    tokenizer: torch.nn.Module | None,
+    labels: torch.Tensor,
+    indices: list[int],
+    *,
+    sampling: DictConfig,
+    allocation: list[int],
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Bits (and decoded uint8 images when a tokenizer is given) for the samples `indices` of the global list."""
+    bits_parts, image_parts = [], []
+    with Progress(disable=not os.environ.get("BAR_PROGRESS", "1") == "1") as progress:
+        task = progress.add_task("sampling", total=len(indices))
+        for start in range(0, len(indices), batch_size):
+            batch_indices = indices[start : start + batch_size]
+            rng = torch.Generator(device=device).manual_seed(seed + batch_indices[0])
+            bits = generator.generate(
+                labels[batch_indices].to(device), guidance_scale=float(sampling.guidance_scale),
+                temperature=float(sampling.temperature), tokens_allocation=allocation,
+                random_order=bool(sampling.random_order), generator=rng,
+            )
+            bits_parts.append(bits.cpu().numpy().astype(np.uint8))
+            if tokenizer is not None:
+                image_parts.append(to_uint8_images(tokenizer.decode_bits(bits)))
+            progress.advance(task, len(batch_indices))
+    empty_bits = np.zeros((0, generator.num_tokens * generator.bits_per_token), np.uint8)
+    bits_all = np.concatenate(bits_parts) if bits_parts else empty_bits
+    images_all = np.concatenate(image_parts) if image_parts else None
+    return bits_all, images_all
+
+
+def merge_parts(output: Path, world_size: int, num_samples: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rank 0: reassemble the rank parts in global sample order."""
+    bits = images = None
+    for rank in range(world_size):
+        with np.load(output / f".part_rank{rank}.npz", allow_pickle=False) as part:
+            indices = part["indices"]
+            if bits is None:
+                bits = np.zeros((num_samples, part["bits"].shape[1]), np.uint8)
+                if "images" in part:
+                    images = np.zeros((num_samples, *part["images"].shape[1:]), np.uint8)
+            bits[indices] = part["bits"]
+            if images is not None:
+                images[indices] = part["images"]
+        (output / f".part_rank{rank}.npz").unlink()
+    return bits, images
+
+
+def save_png_grid_and_files(images: np.ndarray, labels: np.ndarray, folder: Path) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, (image, label) in enumerate(zip(images, labels)):
+        Image.fromarray(image).save(folder / f"{index:06d}_class{int(label):04d}.png")
+
+
+def run_speed_benchmark(generator: BARGenerator, tokenizer: torch.nn.Module | None, cfg: DictConfig,
+                        allocation: list[int], device: torch.device, world_size: int) -> dict[str, Any]:
+    """Images/s after warm-up (the official protocol: warm-up batches excluded, synchronised, slowest rank)."""
+    speed = cfg.speed
+    labels = torch.arange(cfg.batch_size, device=device) % generator.num_classes
+
+    def one_batch(index: int) -> None:
+        rng = torch.Generator(device=device).manual_seed(cfg.seed + index)
+        bits = generator.generate(labels, guidance_scale=float(cfg.sampling.guidance_scale),
+                                  temperature=float(cfg.sampling.temperature), tokens_allocation=allocation,
+                                  random_order=bool(cfg.sampling.random_order), generator=rng)
+        if tokenizer is not None and speed.include_decoder:
+            tokenizer.decode_bits(bits)
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with torch.no_grad():
+        for index in range(speed.warmup_batches):
+            one_batch(index)
+        synchronize()
+        durations = []
+        for index in range(speed.timed_batches):
+            start = time.perf_counter()
+            one_batch(speed.warmup_batches + index)
+            synchronize()
+            durations.append(time.perf_counter() - start)
+    elapsed = torch.tensor(sum(durations), device=device, dtype=torch.float64)
+    if world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
+    per_gpu = cfg.batch_size * speed.timed_batches / float(elapsed)
+    return {
+        "images_per_second": per_gpu * world_size,
+        "images_per_second_per_process": per_gpu,
+        "median_batch_seconds": float(np.median(durations)),
+        "batch_size": cfg.batch_size,
+        "timed_batches": speed.timed_batches,
+        "warmup_batches": speed.warmup_batches,
+        "world_size": world_size,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "includes_decoder": bool(tokenizer is not None and speed.include_decoder),
+    }
+
+
+def write_json(path: Path, values: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(values, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
+    """Sample (or time) as `cfg` says; returns the metrics written to `metrics.json` (rank 0)."""
+    torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
+    rank, world_size = distributed_context()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    output = Path(cfg.paths.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+
+    metric_names = list(cfg.metrics.names)
+    generator = load_generator_from_source(cfg.generator).to(device).eval()
+    classes = list(cfg.classes) if cfg.classes is not None else list(range(generator.num_classes))
+    if any(not 0 <= c < generator.num_classes for c in classes):
+        raise ConfigError(f"classes={classes} has a class outside 0..{generator.num_classes - 1}")
+    if metric_names and not cfg.speed.enabled:
+        check_metric_request(cfg.metrics, num_samples=cfg.num_samples_per_class * len(classes))
+    tokenizer = None
+    if cfg.tokenizer.checkpoint or cfg.tokenizer.upstream_weights:
+        tokenizer = load_tokenizer_from_source(cfg.tokenizer).to(device).eval()
+        check_compatible(generator, tokenizer)
+    elif metric_names or cfg.save.npz or cfg.save.png:
+        raise ConfigError(
+            "images (save.npz / save.png / metrics) need a tokenizer: set tokenizer.checkpoint=<ckpt> or "
+            "tokenizer.upstream_weights + tokenizer.upstream_config; or save only bits (save.npz=false save.png=false "
+            "metrics.names=[])"
+        )
+    if generator.head_type == "mbm":
+        try:
+            allocation = validate_tokens_allocation(list(cfg.sampling.tokens_allocation), generator.bits_per_step)
+        except ValueError as error:
+            raise ConfigError(f"sampling.tokens_allocation: {error}") from error
+    else:
+        allocation = [generator.bits_per_step]
+
+    if cfg.speed.enabled:
+        result = run_speed_benchmark(generator, tokenizer, cfg, allocation, device, world_size)
+        if rank == 0:
+            write_json(output / "speed.json", result)
+            log.info("%.1f images/s (%d processes)", result["images_per_second"], world_size)
+        return result
+
+    labels = balanced_labels(classes, cfg.num_samples_per_class)
+    indices = shard_indices(len(labels), rank, world_size)
+    bits, images = generate_shard(generator, tokenizer, labels, indices, sampling=cfg.sampling,
+                                  allocation=allocation, batch_size=cfg.batch_size, seed=cfg.seed, device=device)
+    part = {"indices": np.asarray(indices, dtype=np.int64), "bits": bits}
+    if images is not None:
+        part["images"] = images
+    np.savez(output / f".part_rank{rank}.npz", **part)
+    if world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if rank != 0:
+        return {}
+
+    bits, images = merge_parts(output, world_size, len(labels))
+    label_array = labels.numpy()
+    tmp = output / ".samples_bits.tmp.npz"
+    np.savez_compressed(tmp, bits=bits, labels=label_array)
+    os.replace(tmp, output / "samples_bits.npz")
+    result: dict[str, Any] = {"num_samples": len(labels), "num_classes": len(classes),
+                              "guidance_scale": float(cfg.sampling.guidance_scale),
+                              "temperature": float(cfg.sampling.temperature),
+                              "tokens_allocation": list(allocation)}
+    if images is not None:
+        if cfg.save.npz:
+            from bar_lightning.eval.metrics import save_adm_npz
+
+            save_adm_npz(output / "samples.npz", images)
+        if cfg.save.png:
+            save_png_grid_and_files(images, label_array, output / "samples")
+        if metric_names:
+            result.update(score_images(images, label_array, cfg.metrics, device))
+    write_json(output / "metrics.json", result)
+    log.info("metrics: %s", result)
+    return result
+
+
+INCEPTION_FEATURE_DIM = 2048
+
+
+def check_metric_request(metrics: DictConfig, *, num_samples: int) -> None:
+    """Fail before sampling when the requested metrics cannot be computed (files, sample counts)."""
+    names = set(metrics.names)
+    unknown = names - {"fid", "isc", "kid", "prc", "class_accuracy", "fid_demo"}
+    if unknown:
+        raise ConfigError(f"metrics.names has unknown metrics {sorted(unknown)}; use fid, isc, kid, prc")
+    if not metrics.reference or not Path(metrics.reference).is_file():
+        raise FileNotFoundError(
+            f"metrics.reference={metrics.reference!r} not found: an ADM-style .npz with reference images (arr_0) or "
+            "statistics (mu, sigma), e.g. VIRTUAL_imagenet256_labeled.npz"
+        )
+    if metrics.feature_network == "demo_classifier":
+        if not metrics.demo_classifier or not Path(metrics.demo_classifier).is_file():
+            raise FileNotFoundError(f"metrics.demo_classifier={metrics.demo_classifier!r} not found (make demo trains it)")
+        return
+    from bar_lightning.eval.metrics import check_weights_file
+
+    check_weights_file(metrics.inception_weights, what="FID Inception weights (weights-inception-2015-12-05-6726825d.pth)",
+                       needed_by=f"metrics {sorted(names)} [metrics.inception_weights]")
+    if "fid" in names and num_samples <= INCEPTION_FEATURE_DIM and not metrics.allow_small_sample:
+        raise ConfigError(
+            f"FID from {num_samples} samples: the {INCEPTION_FEATURE_DIM}-d feature covariance is rank-deficient below "
+            f"{INCEPTION_FEATURE_DIM + 1} samples (the standard protocol uses 50,000). Sample more, or set "
+            "metrics.allow_small_sample=true to compute it anyway"
+        )
+    if "kid" in names and metrics.kid_subset_size > num_samples:
+        raise ConfigError(f"metrics.kid_subset_size={metrics.kid_subset_size} > {num_samples} samples; lower it")
+
+
+def score_images(images: np.ndarray, labels: np.ndarray, metrics: DictConfig, device: torch.device) -> dict[str, Any]:
+    """Inception metrics with torch-fidelity, or the demo classifier's accuracy and feature distance."""
+    if metrics.feature_network == "demo_classifier":
+        from bar_lightning.eval.demo_classifier import classifier_metrics, features, load_classifier
+
+        classifier = load_classifier(metrics.demo_classifier).to(device).eval()
+        reference = np.load(metrics.reference, allow_pickle=False)["arr_0"]
+        reference_features = features(classifier, uint8_to_model_input(reference), batch_size=500)
+        values = classifier_metrics(classifier, uint8_to_model_input(images), labels=torch.from_numpy(labels),
+                                    reference_features=reference_features, batch_size=500)
+        return {key: float(value) for key, value in values.items()}
+    from bar_lightning.eval.metrics import compute_generation_metrics
+
+    return compute_generation_metrics(
+        images, reference=metrics.reference, inception_weights=metrics.inception_weights,
+        metrics=tuple(metrics.names), batch_size=metrics.batch_size, device=device,
+        kid_subset_size=metrics.kid_subset_size, allow_small_sample=metrics.allow_small_sample,
+    )
+
+
+def uint8_to_model_input(images: np.ndarray) -> torch.Tensor:
+    """`[N, H, W, 3]` uint8 -> `[N, 3, H, W]` float in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0

@@ -1,0 +1,765 @@
+"""Generation metrics (FID, Inception Score, KID, precision/recall) with torch-fidelity, strictly offline.
+
+torch-fidelity downloads its Inception-v3 weights from a URL when it is not given a file; every entry point here
+takes the weights file explicitly (``weights-inception-2015-12-05-6726825d.pth``, the FID Inception network
+converted from TensorFlow) and vets it with :func:`check_weights_file` first, because torch-fidelity unpickles it
+with ``weights_only=False`` (a malicious file would run code).
+
+Sample and reference sets use the ADM (guided-diffusion) ``.npz`` layout: ``arr_0`` is ``uint8 [N, H, W, 3]``.
+An ADM reference batch such as ``VIRTUAL_imagenet256_labeled.npz`` also holds ``mu`` / ``sigma``, the FID
+statistics of its images computed by ADM's TensorFlow evaluator.
+
+Typical use::
+
+    save_adm_npz("samples.npz", images_uint8)
+    metrics = compute_generation_metrics(
+        "samples.npz", reference="VIRTUAL_imagenet256_labeled.npz",
+        inception_weights="weights-inception-2015-12-05-6726825d.pth", device="cuda",
+    )  # {"fid": ..., "isc": ..., "isc_std": ..., "kid": ..., "kid_std": ..., "precision": ..., ...}
+
+How the metrics are computed: torch-fidelity's Inception-v3 (``inception-v3-compat``, a port of the TensorFlow
+graph that ADM's evaluator uses) extracts the features of each image set once, through torch-fidelity's own
+loop; IS, KID and precision/recall are torch-fidelity's functions on those features, called as
+``torch_fidelity.calculate_metrics`` calls them (same splits, subsets, seed). FID is :func:`frechet_distance` on
+float64 statistics instead of torch-fidelity's ``eigvals(sigma1 @ sigma2)``: the same formula, but exact for the
+rank-deficient covariances of small sets and identical for both kinds of reference below.
+
+Reference handling (see :func:`compute_generation_metrics`):
+
+* a reference with images (``arr_0``, or an image array) -> all metrics from the images of both sides with the
+  same network, so they are self-consistent; ``mu`` / ``sigma`` stored beside the images are not used (they come
+  from ADM's TensorFlow network; the torch port matches it closely but not bit for bit);
+* a reference with statistics only (``mu`` / ``sigma``, or a ``(mu, sigma)`` tuple) -> FID from statistics and
+  IS from the samples alone; KID and precision/recall need reference images, so requesting them raises a
+  ``ValueError`` before any feature is computed (chosen over silently skipping them, so that a sweep's
+  ``metrics.json`` never lacks a metric that was asked for).
+
+Precision/recall use the Inception pool features (2048-d) with k = ``prc_neighborhood`` nearest neighbours, as
+ADM's evaluator does (torch-fidelity's own default for PRC would be VGG-16, whose weights are another download).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# torch-fidelity's name of the TensorFlow-compatible Inception-v3 and the features FID / IS are computed from.
+INCEPTION_EXTRACTOR_NAME = "inception-v3-compat"
+INCEPTION_FEATURE_DIM = 2048
+FID_FEATURE_LAYER = "2048"
+ISC_FEATURE_LAYER = "logits_unbiased"
+INCEPTION_WEIGHTS_HINT = "FID Inception weights (weights-inception-2015-12-05-6726825d.pth)"
+
+SUPPORTED_METRICS = ("fid", "isc", "kid", "prc")
+# torch-fidelity's result keys -> the flat names written to metrics.json.
+_RESULT_KEYS = {
+    "inception_score_mean": "isc",
+    "inception_score_std": "isc_std",
+    "kernel_inception_distance_mean": "kid",
+    "kernel_inception_distance_std": "kid_std",
+    "precision": "precision",
+    "recall": "recall",
+    "f_score": "f_score",
+}
+
+ImagesLike = np.ndarray | torch.Tensor
+PathLike = str | os.PathLike
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Weights files
+# --------------------------------------------------------------------------------------------------------------
+
+
+def check_weights_file(path: PathLike | None, *, what: str, needed_by: str) -> Path:
+    """``path`` as a Path after checking that it exists and holds only tensors (no code runs to read it).
+
+    ``what`` describes the file (e.g. the expected file name), ``needed_by`` who needs it (e.g. the config key);
+    both appear in the errors. Raises ``FileNotFoundError`` when the file is missing and ``ValueError`` when
+    ``torch.load(..., weights_only=True)`` refuses it: such a file needs arbitrary code to unpickle (a pickled
+    object other than tensors and containers) or is not a torch checkpoint at all.
+    """
+    if path is None or str(path) == "":
+        raise FileNotFoundError(f"no {what} given: {needed_by} needs it; pass the path of a local copy")
+    weights_path = Path(path).expanduser()
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{what} not found at {weights_path}: {needed_by} needs it; pass the path of a local copy")
+    try:
+        torch.load(weights_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{weights_path} ({what}, for {needed_by}) is refused: it is not a plain tensor checkpoint, reading it "
+            f"would run arbitrary code ({str(error).splitlines()[0]}). Use the original file, or re-save its state "
+            "dict with torch.save(state_dict) from a trusted source"
+        ) from error
+    except Exception as error:  # zip / pickle format errors: not a torch checkpoint
+        raise ValueError(
+            f"{weights_path} ({what}, for {needed_by}) is not a readable torch checkpoint: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    return weights_path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ADM .npz files
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_images_uint8(images: Any, *, name: str) -> np.ndarray:
+    """``images`` as a uint8 ``[N, H, W, 3]`` numpy array, or a ValueError saying what is wrong and the fix."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    if not isinstance(images, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array or tensor uint8 [N, H, W, 3], got {type(images).__name__}")
+    if images.dtype != np.uint8:
+        raise ValueError(
+            f"{name} has dtype {images.dtype}, expected uint8 [N, H, W, 3] in 0..255; convert images in [-1, 1] "
+            "with clip(127.5 * x + 128, 0, 255).astype(uint8)"
+        )
+    if images.ndim != 4:
+        raise ValueError(f"{name} has shape {images.shape}, expected 4-D [N, H, W, 3]")
+    if images.shape[-1] != 3:
+        hint = " (channels first? transpose to [N, H, W, 3])" if images.shape[1] == 3 else ""
+        raise ValueError(f"{name} has shape {images.shape}, expected 3 channels last [N, H, W, 3]{hint}")
+    return images
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write via a temporary file in the same folder then rename, so readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            write(file)
+        os.replace(temporary_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary_name)
+        raise
+
+
+def save_adm_npz(path: PathLike, images_uint8: ImagesLike, *, labels: np.ndarray | None = None) -> Path:
+    """Save ``images_uint8 [N, H, W, 3]`` as ADM's ``arr_0`` (and ``labels [N]`` as ``arr_1``), atomically."""
+    images = _check_images_uint8(images_uint8, name="images_uint8")
+    arrays = {"arr_0": images}
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels has shape {labels.shape}, expected ({images.shape[0]},): one label per image")
+        arrays["arr_1"] = labels
+    npz_path = Path(path)
+    # Writing to an open file keeps np.savez from appending ".npz" to the temporary name.
+    _atomic_write(npz_path, lambda file: np.savez(file, **arrays))
+    return npz_path
+
+
+def load_adm_npz(path: PathLike) -> np.ndarray:
+    """``arr_0`` of an ADM ``.npz``: uint8 ``[N, H, W, 3]`` (never unpickles objects)."""
+    npz_path = Path(path)
+    if not npz_path.is_file():
+        raise FileNotFoundError(f"{npz_path} does not exist (expected an ADM .npz with arr_0 = uint8 [N, H, W, 3])")
+    with np.load(npz_path, allow_pickle=False) as npz:
+        if "arr_0" not in npz.files:
+            hint = (
+                "; it holds FID statistics only: pass it as a reference, or read them with load_reference_statistics"
+                if {"mu", "sigma"} <= set(npz.files)
+                else ""
+            )
+            raise ValueError(f"{npz_path} has no images (arr_0); it holds {sorted(npz.files)}{hint}")
+        images = npz["arr_0"]
+    return _check_images_uint8(images, name=f"{npz_path}:arr_0")
+
+
+def load_reference_statistics(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu [D], sigma [D, D])`` in float64 from an ADM reference ``.npz`` holding ``mu`` and ``sigma``."""
+    npz_path = Path(path)
+    if not npz_path.is_file():
+        raise FileNotFoundError(f"{npz_path} does not exist (expected an ADM reference .npz with mu and sigma)")
+    with np.load(npz_path, allow_pickle=False) as npz:
+        missing = [key for key in ("mu", "sigma") if key not in npz.files]
+        if missing:
+            raise ValueError(
+                f"{npz_path} has no FID statistics {missing} (it holds {sorted(npz.files)}); use a reference "
+                "batch with mu/sigma such as VIRTUAL_imagenet256_labeled.npz, or pass reference images"
+            )
+        mu, sigma = npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
+    _check_statistics(mu, sigma, name=str(npz_path))
+    return mu, sigma
+
+
+def save_reference_statistics(path: PathLike, *, mu: np.ndarray, sigma: np.ndarray) -> Path:
+    """Save FID statistics as an ADM-style reference ``.npz`` (``mu``, ``sigma``), atomically."""
+    mu, sigma = np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
+    _check_statistics(mu, sigma, name="statistics")
+    npz_path = Path(path)
+    _atomic_write(npz_path, lambda file: np.savez(file, mu=mu, sigma=sigma))
+    return npz_path
+
+
+def _check_statistics(mu: np.ndarray, sigma: np.ndarray, *, name: str) -> None:
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"{name}: mu {mu.shape} / sigma {sigma.shape} are not [D] / [D, D] FID statistics")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{name}: mu / sigma contain NaN or inf")
+
+
+@dataclass(frozen=True)
+class ReferenceContents:
+    """What a reference ``.npz`` holds, read from its array headers only (no image data is loaded)."""
+
+    path: Path
+    image_shape: tuple[int, ...] | None  # shape of arr_0, or None
+    statistics_dim: int | None  # D of mu [D] / sigma [D, D], or None
+
+
+def inspect_reference_npz(path: PathLike) -> ReferenceContents:
+    """Shapes of ``arr_0`` and ``mu`` in a reference ``.npz`` without loading it (cheap: for checks before sampling)."""
+    npz_path = Path(path)
+    if not npz_path.is_file():
+        raise FileNotFoundError(
+            f"reference {npz_path} does not exist: an ADM-style .npz with images (arr_0) or statistics "
+            "(mu, sigma), e.g. VIRTUAL_imagenet256_labeled.npz"
+        )
+    try:
+        shapes = _npz_array_shapes(npz_path)
+    except (zipfile.BadZipFile, ValueError) as error:
+        raise ValueError(f"reference {npz_path} is not a readable .npz file: {error}") from error
+    statistics_dim = None
+    if "mu" in shapes and "sigma" in shapes:
+        mu_shape, sigma_shape = shapes["mu"], shapes["sigma"]
+        if len(mu_shape) != 1 or sigma_shape != (mu_shape[0], mu_shape[0]):
+            raise ValueError(f"reference {npz_path}: mu {mu_shape} / sigma {sigma_shape} are not [D] / [D, D]")
+        statistics_dim = mu_shape[0]
+    contents = ReferenceContents(path=npz_path, image_shape=shapes.get("arr_0"), statistics_dim=statistics_dim)
+    if contents.image_shape is None and contents.statistics_dim is None:
+        raise ValueError(
+            f"reference {npz_path} holds neither images (arr_0) nor statistics (mu, sigma): it has "
+            f"{sorted(shapes)}"
+        )
+    return contents
+
+
+def _npz_array_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.namelist():
+            if not member.endswith(".npy"):
+                continue
+            with archive.open(member) as file:
+                version = np.lib.format.read_magic(file)
+                if version == (1, 0):
+                    shape, _, _ = np.lib.format.read_array_header_1_0(file)
+                else:
+                    shape, _, _ = np.lib.format.read_array_header_2_0(file)
+            shapes[member[: -len(".npy")]] = tuple(shape)
+    return shapes
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Feature statistics and the Frechet distance
+# --------------------------------------------------------------------------------------------------------------
+
+
+class RunningFeatureStatistics:
+    """Mean and unbiased covariance of feature rows given in chunks, in float64.
+
+    Chunks are merged with Chan et al.'s pairwise update (each chunk's mean and centred scatter, then a rank-1
+    correction), which is numerically stable and makes the result independent of how the rows were chunked up
+    to float64 rounding (~1e-12 relative). Each update costs one ``[D, D]`` outer product: pass batches, not rows.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: np.ndarray | None = None
+        self.scatter: np.ndarray | None = None  # sum of outer products of centred rows, [D, D]
+
+    def update(self, features: np.ndarray | torch.Tensor) -> None:
+        rows = _feature_rows_float64(features)
+        if rows.shape[0] == 0:
+            return
+        chunk_count = rows.shape[0]
+        chunk_mean = rows.mean(axis=0)
+        centred = rows - chunk_mean
+        chunk_scatter = centred.T @ centred
+        if self.mean is None:
+            self.count, self.mean, self.scatter = chunk_count, chunk_mean, chunk_scatter
+            return
+        if chunk_mean.shape != self.mean.shape:
+            raise ValueError(f"feature chunk has dimension {chunk_mean.shape[0]}, earlier chunks {self.mean.shape[0]}")
+        total = self.count + chunk_count
+        delta = chunk_mean - self.mean
+        self.mean = self.mean + delta * (chunk_count / total)
+        self.scatter = self.scatter + chunk_scatter + np.outer(delta, delta) * (self.count * chunk_count / total)
+        self.count = total
+
+    def compute(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(mu [D], sigma [D, D])``; sigma uses N - 1 like ``np.cov`` (and ADM's evaluator)."""
+        if self.mean is None or self.count < 2:
+            raise ValueError(f"a covariance needs at least 2 feature rows, got {self.count}")
+        sigma = self.scatter / (self.count - 1)
+        return self.mean.copy(), (sigma + sigma.T) / 2
+
+
+def _feature_rows_float64(features: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(features, torch.Tensor):
+        features = features.detach().cpu().double().numpy()
+    rows = np.asarray(features, dtype=np.float64)
+    if rows.ndim != 2:
+        raise ValueError(f"features must be 2-D [N, D], got shape {rows.shape}")
+    return rows
+
+
+def feature_statistics(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu [D], sigma [D, D])`` of ``features [N, D]`` (N >= 2), in float64, sigma unbiased (N - 1)."""
+    statistics = RunningFeatureStatistics()
+    statistics.update(features)
+    return statistics.compute()
+
+
+def _psd_eigenvalues_without_noise(eigenvalues: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a symmetric PSD matrix with rounding noise set to 0.
+
+    A zero eigenvalue comes out of ``eigh`` as +-(size * eps * largest); its square root (~1e-8 of the scale)
+    summed over thousands of null directions of a rank-deficient covariance would bias the trace term, so values
+    under numpy's rank tolerance (as ``np.linalg.matrix_rank``) count as exact zeros.
+    """
+    largest = float(np.max(np.abs(eigenvalues), initial=0.0))
+    tolerance = largest * eigenvalues.shape[0] * np.finfo(np.float64).eps
+    return np.where(eigenvalues > tolerance, eigenvalues, 0.0)
+
+
+def _symmetric_psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
+    return (eigenvectors * np.sqrt(_psd_eigenvalues_without_noise(eigenvalues))) @ eigenvectors.T
+
+
+def _trace_sqrt_psd(matrix: np.ndarray) -> float:
+    """``tr(matrix^(1/2))`` of a symmetric PSD matrix (symmetrised first: eigvalsh reads one triangle)."""
+    eigenvalues = np.linalg.eigvalsh((matrix + matrix.T) / 2)
+    return float(np.sqrt(_psd_eigenvalues_without_noise(eigenvalues)).sum())
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """``|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2))``, in float64 (FID's formula).
+
+    The eigenvalues of ``sigma1 sigma2`` equal those of the symmetric PSD matrix ``S sigma2 S`` with
+    ``S = sigma1^(1/2)``, so ``tr((sigma1 sigma2)^(1/2))`` is the sum of square roots of the eigenvalues of a
+    symmetric matrix: two ``eigh`` calls, no complex rounding noise, and exact also for the singular covariances
+    of fewer samples than feature dimensions (eigenvalues under the rank tolerance count as 0). This is what
+    ``scipy.linalg.sqrtm`` (ADM, pytorch-fid) and torch-fidelity's ``eigvals(sigma1 @ sigma2)`` approximate; for
+    full-rank covariances all agree to rounding (scipy is not a dependency of this project, and torch-fidelity's
+    route is within 1e-9 relative in the tests). FID is >= 0 for PSD inputs, so a tiny negative result of rounding
+    is returned as 0.
+    """
+    mu1, mu2 = np.asarray(mu1, dtype=np.float64), np.asarray(mu2, dtype=np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, dtype=np.float64), np.asarray(sigma2, dtype=np.float64)
+    _check_statistics(mu1, sigma1, name="first statistics")
+    _check_statistics(mu2, sigma2, name="second statistics")
+    if mu1.shape != mu2.shape:
+        raise ValueError(
+            f"feature dimensions differ: {mu1.shape[0]} vs {mu2.shape[0]}; compute both statistics with the same "
+            f"network and layer (FID uses the {INCEPTION_FEATURE_DIM}-d Inception pool features)"
+        )
+    sqrt_sigma1 = _symmetric_psd_sqrt((sigma1 + sigma1.T) / 2)
+    trace_sqrt_product = _trace_sqrt_psd(sqrt_sigma1 @ ((sigma2 + sigma2.T) / 2) @ sqrt_sigma1)
+    mean_difference = mu1 - mu2
+    distance = (
+        float(mean_difference @ mean_difference)
+        + float(np.trace(sigma1))
+        + float(np.trace(sigma2))
+        - 2.0 * trace_sqrt_product
+    )
+    return max(0.0, distance)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inception features and metrics
+# --------------------------------------------------------------------------------------------------------------
+
+
+class UInt8ImageDataset(torch.utils.data.Dataset):
+    """``uint8 [N, H, W, 3]`` images as torch-fidelity wants them: one ``uint8 [3, H, W]`` tensor per item.
+
+    Items are converted on access, so a large sample set is not copied into a second layout.
+    """
+
+    def __init__(self, images_uint8: np.ndarray) -> None:
+        self.images = images_uint8
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.images[index].transpose(2, 0, 1)))
+
+
+@contextlib.contextmanager
+def _on_device(device: torch.device) -> Iterator[bool]:
+    """Yields whether torch-fidelity should use CUDA; its ``.cuda()`` calls go to ``device``'s index."""
+    if device.type == "cpu":
+        yield False
+        return
+    if device.type != "cuda":
+        raise ValueError(f"device={device}: torch-fidelity runs on 'cpu' or 'cuda[:index]'")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device={device} but CUDA is not available; pass device='cpu'")
+    with torch.cuda.device(device):
+        yield True
+
+
+def _load_inception_weights_checked(inception_weights: PathLike | None) -> Path:
+    return check_weights_file(inception_weights, what=INCEPTION_WEIGHTS_HINT, needed_by="Inception metrics")
+
+
+def _create_inception_extractor(weights_path: Path, feature_layers: Sequence[str], *, cuda: bool, verbose: bool):
+    from torch_fidelity.utils import create_feature_extractor
+
+    try:
+        return create_feature_extractor(
+            INCEPTION_EXTRACTOR_NAME, list(feature_layers), cuda=cuda,
+            feature_extractor_weights_path=str(weights_path), verbose=verbose,
+        )
+    except RuntimeError as error:  # load_state_dict: wrong keys or shapes
+        raise ValueError(
+            f"{weights_path} is not the torch-fidelity Inception-v3 state dict ({INCEPTION_WEIGHTS_HINT}): "
+            f"{str(error).splitlines()[0]}"
+        ) from error
+
+
+def extract_inception_features(
+    images_uint8: ImagesLike,
+    *,
+    inception_weights: PathLike,
+    feature_layers: Sequence[str] = (FID_FEATURE_LAYER,),
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    verbose: bool = False,
+) -> dict[str, torch.Tensor]:
+    """torch-fidelity's Inception features ``{layer: float32 [N, dim]}`` of ``images_uint8 [N, H, W, 3]``.
+
+    Layers: ``"2048"`` (pool features: FID, KID, PRC), ``"logits_unbiased"`` (IS), ``"64"``, ``"192"``,
+    ``"768"``, ``"logits"``. Images are resized to 299x299 inside the network (TensorFlow-1 compatible bilinear).
+    """
+    images = _check_images_uint8(images_uint8, name="images_uint8")
+    if images.shape[0] == 0:
+        raise ValueError("images_uint8 is empty")
+    _check_positive_int(batch_size, name="batch_size")
+    weights_path = _load_inception_weights_checked(inception_weights)
+    return _extract_features_vetted(
+        images, weights_path=weights_path, feature_layers=feature_layers, batch_size=batch_size,
+        device=torch.device(device), verbose=verbose,
+    )
+
+
+def _extract_features_vetted(
+    images: np.ndarray,
+    *,
+    weights_path: Path,
+    feature_layers: Sequence[str],
+    batch_size: int,
+    device: torch.device,
+    verbose: bool,
+) -> dict[str, torch.Tensor]:
+    """:func:`extract_inception_features` for checked images and an already vetted weights file."""
+    from torch_fidelity.utils import get_featuresdict_from_dataset
+
+    with _on_device(device) as cuda:
+        extractor = _create_inception_extractor(weights_path, feature_layers, cuda=cuda, verbose=verbose)
+        # torch-fidelity's own loop (as in calculate_metrics); save_cpu_ram: no DataLoader worker processes.
+        return get_featuresdict_from_dataset(
+            UInt8ImageDataset(images), extractor, batch_size, cuda, save_cpu_ram=True, verbose=verbose
+        )
+
+
+def _check_positive_int(value: Any, *, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _load_samples(samples: ImagesLike | PathLike) -> np.ndarray:
+    if isinstance(samples, (str, os.PathLike)):
+        return load_adm_npz(samples)
+    return _check_images_uint8(samples, name="samples")
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """A resolved reference: images (then statistics unused) or FID statistics only."""
+
+    description: str
+    images: np.ndarray | None = None
+    mu: np.ndarray | None = None
+    sigma: np.ndarray | None = None
+    image_shape: tuple[int, ...] | None = None
+
+
+def _resolve_reference(reference: Any) -> _Reference:
+    if isinstance(reference, (str, os.PathLike)):
+        contents = inspect_reference_npz(reference)
+        if contents.image_shape is not None:
+            return _Reference(description=str(contents.path), image_shape=contents.image_shape)  # loaded later
+        mu, sigma = load_reference_statistics(contents.path)
+        return _Reference(description=str(contents.path), mu=mu, sigma=sigma)
+    if isinstance(reference, tuple) and len(reference) == 2:
+        mu, sigma = (np.asarray(part, dtype=np.float64) for part in reference)
+        _check_statistics(mu, sigma, name="reference (mu, sigma)")
+        return _Reference(description="reference (mu, sigma)", mu=mu, sigma=sigma)
+    if isinstance(reference, (np.ndarray, torch.Tensor)):
+        images = _check_images_uint8(reference, name="reference")
+        return _Reference(description="reference images", images=images, image_shape=images.shape)
+    raise ValueError(
+        f"reference must be an ADM .npz path (arr_0 images or mu/sigma), a uint8 [N, H, W, 3] array, or a "
+        f"(mu, sigma) tuple; got {type(reference).__name__}"
+    )
+
+
+def _validate_request(
+    *,
+    metric_names: tuple[str, ...],
+    sample_shape: tuple[int, ...],
+    reference: _Reference,
+    kid_subset_size: int,
+    prc_neighborhood: int,
+    isc_splits: int,
+    allow_small_sample: bool,
+) -> None:
+    """Every check that needs no features: runs before the (slow) Inception network."""
+    num_samples = sample_shape[0]
+    if num_samples < 2:
+        raise ValueError(f"{num_samples} samples: the metrics need at least 2 (FID's covariance, IS's splits)")
+    has_reference_images = reference.image_shape is not None
+    if not has_reference_images:
+        image_metrics = [name for name in metric_names if name in ("kid", "prc")]
+        if image_metrics:
+            raise ValueError(
+                f"metrics {image_metrics} need reference images but {reference.description} holds only FID "
+                "statistics (mu, sigma); pass a reference with images (arr_0) or request metrics=('fid', 'isc')"
+            )
+        if "fid" in metric_names and reference.mu.shape[0] != INCEPTION_FEATURE_DIM:
+            raise ValueError(
+                f"{reference.description}: statistics have dimension {reference.mu.shape[0]}, FID uses the "
+                f"{INCEPTION_FEATURE_DIM}-d Inception pool features; use statistics computed from those"
+            )
+    else:
+        reference_shape = tuple(reference.image_shape)
+        if len(reference_shape) != 4 or reference_shape[-1] != 3:
+            raise ValueError(f"{reference.description}: images have shape {reference_shape}, expected [N, H, W, 3]")
+        if reference_shape[1:3] != sample_shape[1:3]:
+            sample_hw = f"{sample_shape[1]}x{sample_shape[2]}"
+            raise ValueError(
+                f"samples are {sample_hw} (shape {tuple(sample_shape)}) but {reference.description} holds "
+                f"{reference_shape[1]}x{reference_shape[2]} images (shape {reference_shape}): the Inception network "
+                f"resizes both to 299x299, so the comparison would silently measure resizing. Use the reference "
+                f"batch made at {sample_hw} (e.g. VIRTUAL_imagenet256_labeled.npz for 256x256 samples), or resize "
+                f"and centre-crop the reference images to {sample_hw} before saving them"
+            )
+    sets = [("samples", num_samples)]
+    if has_reference_images:
+        sets.append((reference.description, reference_shape[0]))
+    for set_name, count in sets:
+        if "fid" in metric_names and count <= INCEPTION_FEATURE_DIM and not allow_small_sample:
+            raise ValueError(
+                f"FID from {count} images ({set_name}): the {INCEPTION_FEATURE_DIM}-d feature covariance is "
+                f"rank-deficient below {INCEPTION_FEATURE_DIM + 1} images, so FID is strongly biased (the standard "
+                "protocol uses 50,000 samples and a 10,000-image reference). Use more images, or pass "
+                "allow_small_sample=True to compute it anyway"
+            )
+        if "fid" in metric_names and count < 2:
+            raise ValueError(f"FID needs at least 2 images per set for a covariance; {set_name} has {count}")
+        if "kid" in metric_names and kid_subset_size > count:
+            raise ValueError(
+                f"kid_subset_size={kid_subset_size} > {count} images ({set_name}); pass kid_subset_size <= {count}"
+            )
+        if "prc" in metric_names and prc_neighborhood >= count:
+            raise ValueError(
+                f"prc_neighborhood={prc_neighborhood} needs more than {prc_neighborhood} images per set; {set_name} "
+                f"has {count}. Use more images or a smaller prc_neighborhood"
+            )
+    if "isc" in metric_names and isc_splits > num_samples:
+        raise ValueError(f"isc_splits={isc_splits} > {num_samples} samples; pass isc_splits <= {num_samples}")
+
+
+def compute_generation_metrics(
+    samples: ImagesLike | PathLike,
+    *,
+    reference: PathLike | ImagesLike | tuple[np.ndarray, np.ndarray],
+    inception_weights: PathLike | None,
+    metrics: Sequence[str] = SUPPORTED_METRICS,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    kid_subset_size: int = 1000,
+    kid_subsets: int = 100,
+    isc_splits: int = 10,
+    prc_neighborhood: int = 3,
+    allow_small_sample: bool = False,
+    seed: int = 2020,
+    verbose: bool = False,
+) -> dict[str, float]:
+    """Inception metrics of ``samples`` against ``reference``, offline, as a flat dict of floats.
+
+    Args:
+        samples: uint8 ``[N, H, W, 3]`` images, or an ADM ``.npz`` path (``arr_0``).
+        reference: an ADM ``.npz`` path with images (``arr_0``; used in preference to ``mu``/``sigma`` stored
+            beside them) or with statistics only (``mu``, ``sigma``); a uint8 ``[M, H, W, 3]`` image array; or a
+            ``(mu, sigma)`` tuple of 2048-d Inception pool statistics.
+        inception_weights: the local torch-fidelity Inception-v3 weights file (never downloaded).
+        metrics: any of ``"fid"``, ``"isc"`` (Inception Score), ``"kid"``, ``"prc"`` (precision/recall).
+            KID and PRC need reference images: with statistics only they raise a ``ValueError``.
+        batch_size: images per Inception forward pass.
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:<index>"``.
+        kid_subset_size, kid_subsets: KID's subset size and count (torch-fidelity's defaults).
+        isc_splits: IS's number of splits (torch-fidelity's default 10).
+        prc_neighborhood: k of the k-NN manifold radius of precision/recall (3, as ADM).
+        allow_small_sample: compute FID even with <= 2048 images per set (rank-deficient covariance).
+        seed: seed of torch-fidelity's shuffles (IS splits, KID subsets).
+        verbose: torch-fidelity's progress output on stderr.
+
+    Returns:
+        The requested subset of ``fid``, ``isc``, ``isc_std``, ``kid``, ``kid_std``, ``precision``, ``recall``,
+        ``f_score``.
+
+    Raises ``FileNotFoundError`` / ``ValueError`` (missing or unsafe weights, too few images, unknown metric,
+    resolution mismatch, KID/PRC without reference images) before any feature is computed.
+    """
+    metric_names = tuple(dict.fromkeys(metrics))
+    unknown = [name for name in metric_names if name not in SUPPORTED_METRICS]
+    if unknown or not metric_names:
+        raise ValueError(f"metrics={list(metrics)}: choose one or more of {list(SUPPORTED_METRICS)}")
+    for name, value in (("batch_size", batch_size), ("kid_subset_size", kid_subset_size),
+                        ("kid_subsets", kid_subsets), ("isc_splits", isc_splits),
+                        ("prc_neighborhood", prc_neighborhood)):
+        _check_positive_int(value, name=name)
+    weights_path = _load_inception_weights_checked(inception_weights)
+    resolved_reference = _resolve_reference(reference)
+    sample_images = _load_samples(samples)
+    _validate_request(
+        metric_names=metric_names, sample_shape=sample_images.shape, reference=resolved_reference,
+        kid_subset_size=kid_subset_size, prc_neighborhood=prc_neighborhood, isc_splits=isc_splits,
+        allow_small_sample=allow_small_sample,
+    )
+    # One network, one pass per image set for every metric (what torch_fidelity.calculate_metrics does with a
+    # single feature extractor), so that FID can come from frechet_distance for both kinds of reference.
+    needs_pool_features = any(name in metric_names for name in ("fid", "kid", "prc"))
+    reference_images = resolved_reference.images
+    if reference_images is None and resolved_reference.image_shape is not None and needs_pool_features:
+        reference_images = load_adm_npz(resolved_reference.description)
+    layers = ([FID_FEATURE_LAYER] if needs_pool_features else []) + ([ISC_FEATURE_LAYER] if "isc" in metric_names else [])
+    from torch_fidelity.utils import get_featuresdict_from_dataset
+
+    with _on_device(torch.device(device)) as cuda:
+        extractor = _create_inception_extractor(weights_path, layers, cuda=cuda, verbose=verbose)
+
+        def features_of(images: np.ndarray) -> dict[str, torch.Tensor]:
+            # torch-fidelity's own loop; save_cpu_ram: in-memory arrays need no DataLoader worker processes.
+            return get_featuresdict_from_dataset(
+                UInt8ImageDataset(images), extractor, batch_size, cuda, save_cpu_ram=True, verbose=verbose
+            )
+
+        sample_features = features_of(sample_images)
+        reference_features = (
+            features_of(reference_images) if reference_images is not None and needs_pool_features else None
+        )
+    return _metrics_from_features(
+        sample_features, reference_features, reference=resolved_reference, metric_names=metric_names,
+        kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, isc_splits=isc_splits,
+        prc_neighborhood=prc_neighborhood, seed=seed, verbose=verbose,
+    )
+
+
+def _metrics_from_features(
+    sample_features: dict[str, torch.Tensor],
+    reference_features: dict[str, torch.Tensor] | None,
+    *,
+    reference: _Reference,
+    metric_names: tuple[str, ...],
+    kid_subset_size: int,
+    kid_subsets: int,
+    isc_splits: int,
+    prc_neighborhood: int,
+    seed: int,
+    verbose: bool,
+) -> dict[str, float]:
+    """torch-fidelity's IS / KID / PRC functions (as calculate_metrics calls them) and FID from statistics."""
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    result: dict[str, float] = {}
+    fidelity_results: dict[str, Any] = {}
+    if "fid" in metric_names:
+        sample_pool = sample_features[FID_FEATURE_LAYER]
+        if reference_features is not None:
+            result["fid"] = _frechet_distance_of_features(sample_pool, reference_features[FID_FEATURE_LAYER])
+        else:
+            result["fid"] = _frechet_distance_of_features(sample_pool, (reference.mu, reference.sigma))
+    if "isc" in metric_names:
+        fidelity_results.update(
+            isc_features_to_metric(sample_features[ISC_FEATURE_LAYER], splits=isc_splits, shuffle=True, rng_seed=seed)
+        )
+    if "kid" in metric_names:
+        fidelity_results.update(kid_features_to_metric(
+            sample_features[FID_FEATURE_LAYER], reference_features[FID_FEATURE_LAYER],
+            kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, rng_seed=seed, verbose=verbose,
+        ))
+    if "prc" in metric_names:
+        # Convention (torch-fidelity, ADM): precision = fraction of samples inside the reference manifold.
+        # save_cpu_ram: distances in blocks, never an N x N matrix (50,000 samples would need 10 GB).
+        fidelity_results.update(prc_features_to_metric(
+            sample_features[FID_FEATURE_LAYER], reference_features[FID_FEATURE_LAYER],
+            prc_neighborhood=prc_neighborhood, save_cpu_ram=True, verbose=verbose,
+        ))
+    result.update({_RESULT_KEYS[key]: float(value) for key, value in fidelity_results.items() if key in _RESULT_KEYS})
+    return result
+
+
+def _frechet_distance_of_features(
+    sample_features: torch.Tensor, reference: torch.Tensor | tuple[np.ndarray, np.ndarray]
+) -> float:
+    """FID of sample features against reference features or ``(mu, sigma)``.
+
+    With fewer rows than feature dimensions a covariance ``A^T A / (n - 1)`` (``A``: centred rows ``[n, D]``) has
+    rank < n, and the non-zero eigenvalues of ``sigma_a sigma_b`` are those of the ``n x n`` symmetric matrix
+    ``A sigma_b A^T / (n - 1)``; using it is exact and avoids ``D x D`` eigen-decompositions (slow on CPU).
+    """
+    sample_rows = _feature_rows_float64(sample_features)
+    reference_rows = None if isinstance(reference, tuple) else _feature_rows_float64(reference)
+
+    def reference_statistics() -> tuple[np.ndarray, np.ndarray]:
+        return reference if reference_rows is None else feature_statistics(reference_rows)
+
+    dimension = sample_rows.shape[1]
+    if sample_rows.shape[0] - 1 < dimension:
+        return _frechet_distance_low_rank(sample_rows, *reference_statistics())
+    if reference_rows is not None and reference_rows.shape[0] - 1 < dimension:
+        return _frechet_distance_low_rank(reference_rows, *feature_statistics(sample_rows))  # FID is symmetric
+    return frechet_distance(*feature_statistics(sample_rows), *reference_statistics())
+
+
+def _frechet_distance_low_rank(rows: np.ndarray, other_mu: np.ndarray, other_sigma: np.ndarray) -> float:
+    """:func:`frechet_distance` between the statistics of ``rows [n, D]`` (n - 1 < D) and ``(mu, sigma)``."""
+    count = rows.shape[0]
+    if count < 2:
+        raise ValueError(f"a covariance needs at least 2 feature rows, got {count}")
+    mu = rows.mean(axis=0)
+    if mu.shape != other_mu.shape:
+        raise ValueError(f"feature dimensions differ: {mu.shape[0]} vs {other_mu.shape[0]}")
+    centred = rows - mu
+    trace_sqrt_product = _trace_sqrt_psd(centred @ ((other_sigma + other_sigma.T) / 2) @ centred.T / (count - 1))
+    mean_difference = mu - other_mu
+    distance = (
+        float(mean_difference @ mean_difference)
+        + float((centred * centred).sum()) / (count - 1)
+        + float(np.trace(other_sigma))
+        - 2.0 * trace_sqrt_product
+    )
+    return max(0.0, distance)
