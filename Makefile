@@ -26,8 +26,8 @@ test-full: install  ## every test, including the full-size BAR-B step on CPU
 lint: install  ## ruff
 	$(VENV)/bin/ruff check .
 
-demo: install  ## the main job: train the tiny generator on synthetic bit tokens (CPU, under a minute)
-	$(PY) train.py experiment=tiny_generator hydra.run.dir=outputs/demo/tiny_generator
+demo: install  ## the main job: BAR end to end on Fashion-MNIST offline (CPU); results in outputs/demo
+	$(PY) -m bar_lightning.demo --root .
 
 clean:  ## remove outputs of local runs
 	rm -rf outputs multirun
