@@ -91,11 +91,13 @@ class ConvDecoder(nn.Module):
         self.norm_out = _group_norm(channels)
         # Patch stem mirrored: a 1x1 conv to p*p*C values per position and a pixel shuffle, then a 3x3 conv to
         # smooth patch seams (the BAR-FSQ decoder's head has the same shape).
+        # At full resolution only a few channels are kept (channels // 4): the 32x32 maps dominate the CPU cost.
+        pixel_channels = channels if patch_size == 1 else max(8, channels // 4)
         self.to_pixels = (
-            nn.Sequential(nn.Conv2d(channels, channels * patch_size**2, 1), nn.PixelShuffle(patch_size))
+            nn.Sequential(nn.Conv2d(channels, pixel_channels * patch_size**2, 1), nn.PixelShuffle(patch_size))
             if patch_size > 1 else nn.Identity()
         )
-        self.conv_out = nn.Conv2d(channels, out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(pixel_channels, out_channels, 3, padding=1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         batch, tokens, width = features.shape
