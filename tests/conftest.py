@@ -19,3 +19,25 @@ def _deterministic_cpu():
     yield
     torch.use_deterministic_algorithms(False)
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory) -> str:
+    """A torch-fidelity Inception-v3 state dict with random weights, made without any download."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    folder = tmp_path_factory.mktemp("inception")
+    empty = folder / "empty.pth"
+    torch.save({}, empty)  # the constructor loads this; the patched load_state_dict ignores it
+    torch.manual_seed(0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *args, **kwargs: None)
+        model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    # PyTorch's default init shrinks activations ~1e-8 after 20 layers; He init keeps features O(1) so that
+    # distances between image sets are well above rounding.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = folder / "inception.pth"
+    torch.save(model.state_dict(), path)
+    return str(path)

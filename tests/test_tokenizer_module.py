@@ -170,3 +170,24 @@ def test_missing_pretrained_file_stops_before_training(tmp_path):
     assert result.returncode != 0
     assert f"{tmp_path}/pretrained/vgg16-397923af.pth" in result.stderr and "LPIPS" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_validation_rfid_uses_the_local_inception_weights(tiny_tokenizer_fit, inception_weights):
+    _, module, *_ = tiny_tokenizer_fit
+    from bar_lightning.lightning.image_datamodule import SyntheticImageDataModule
+
+    module.evaluation = {"rfid": True, "inception_weights": inception_weights}
+    datamodule = SyntheticImageDataModule(image_size=16, batch_size=8, num_samples=16, val_num_samples=16)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    assert metrics["val/rfid"] > 0 and torch.isfinite(torch.tensor(metrics["val/rfid"]))
+    assert {"val/psnr", "val/ssim", "val/bit_entropy"} <= set(metrics)
+
+
+def test_rfid_refuses_a_missing_inception_file(tiny_tokenizer_fit, tmp_path):
+    _, module, *_ = tiny_tokenizer_fit
+    if hasattr(module, "_fid_metric"):
+        object.__delattr__(module, "_fid_metric")
+    module.evaluation = {"rfid": True, "inception_weights": str(tmp_path / "missing.pth")}
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        module._fid()

@@ -209,13 +209,15 @@ class TokenizerModule(L.LightningModule):
         if not hasattr(self, "_fid_metric"):
             from torchmetrics.image.fid import FrechetInceptionDistance
 
-            weights = self.evaluation.get("inception_weights")
-            if not weights or not Path(weights).is_file():
-                raise FileNotFoundError(
-                    f"evaluation.inception_weights={weights!r} not found: rFID needs the FID Inception weights "
-                    "(weights-inception-2015-12-05-6726825d.pth); set evaluation.rfid=false to skip it"
-                )
-            metric = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=weights)
+            from bar_lightning.eval.metrics import check_weights_file
+
+            # Vetted with weights_only=True first: torchmetrics/torch-fidelity would unpickle it unrestricted.
+            weights = check_weights_file(
+                self.evaluation.get("inception_weights"),
+                what="FID Inception weights (weights-inception-2015-12-05-6726825d.pth)",
+                needed_by="validation rFID [evaluation.inception_weights]; set evaluation.rfid=false to skip it",
+            )
+            metric = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(weights))
             # Kept outside the module's children so the Inception weights never enter checkpoints.
             object.__setattr__(self, "_fid_metric", metric.to(self.device))
         return self._fid_metric
