@@ -13,7 +13,8 @@ from bar_lightning.config.schema import ConfigError, validate_train_config
 from bar_lightning.models.bar import BARGenerator
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-EXPERIMENTS = ["bar_b", "bar_b_patch2", "bar_b_patch4", "bar_l", "bar_l_res512", "tiny_generator"]
+EXPERIMENTS = ["bar_b", "bar_b_patch2", "bar_b_patch4", "bar_l", "bar_l_res512", "tiny_generator", "demo_generator",
+               "demo_generator_linear"]
 
 
 def compose_train(overrides: list[str], output_dir: Path | str = "/tmp/unused") -> DictConfig:
@@ -122,3 +123,12 @@ def test_trainer_configs_compose_and_strategies_instantiate(trainer):
     elif trainer == "ddp":
         assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == -1
     assert cfg.trainer.precision == ("32-true" if trainer == "cpu" else "bf16-mixed")
+
+
+def test_demo_tokenizer_composes_and_matches_the_demo_generator():
+    tokenizer = validate_train_config(compose_train(["experiment=demo_tokenizer"]))
+    generator = validate_train_config(compose_train(["experiment=demo_generator"]))
+    side = tokenizer.model.image_size // (tokenizer.model.patch_size * 2 ** (len(tokenizer.model.channel_multipliers) - 1))
+    assert side * side == generator.model.num_tokens
+    assert tokenizer.model.bits_per_token == generator.model.bits_per_token
+    assert tokenizer.discriminator is None and tokenizer.training.gan_weight == 0.0
