@@ -128,3 +128,14 @@ def test_demo_reports_missing_fashion_mnist(tmp_path):
 
     with pytest.raises(SystemExit, match="apt-get install -y dataset-fashion-mnist"):
         ensure_fashion_mnist(tmp_path / "nowhere")
+
+
+def test_speed_mode_times_batches_and_saves_nothing(upstream_a1, tmp_path):
+    config_path, weights, _ = upstream_a1
+    cfg = validate_evaluate_config(compose_evaluate(
+        [f"generator.upstream_weights={weights}", f"generator.upstream_config={config_path}", "sampling=tiny",
+         "device=cpu", "batch_size=4", "speed.enabled=true", "speed.warmup_batches=1", "speed.timed_batches=2",
+         "save.npz=false", "metrics.names=[]"], tmp_path))
+    result = run_evaluation(cfg)
+    assert result["images_per_second"] > 0 and result["timed_batches"] == 2 and result["batch_size"] == 4
+    assert (tmp_path / "speed.json").is_file() and not (tmp_path / "samples_bits.npz").exists()
