@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from bar_lightning.io import atomic_write
 
 TOKEN_KEY = "tokens"
 FLIP_TOKEN_KEY = "tokens_flip"
@@ -71,23 +72,6 @@ def _as_bit_array(values: Any, name: str) -> np.ndarray:
     return array.astype(np.bool_)
 
 
-def _write_atomically(path: Path, write: Any) -> None:
-    """Write through ``write(file)`` into a temp file in the same folder, then rename it over ``path``.
-
-    Readers never see a partial file. The temp name does not end in ``.npz``/``.json``, so a concurrent folder
-    scan ignores it. No fsync: pretokenization writes ~1M files and atomicity, not durability, is what matters.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
 def write_token_npz(path: str | os.PathLike[str], tokens: Any, tokens_flip: Any) -> Path:
     """Write one image's bits (and its horizontally flipped image's bits) as upstream's compressed ``.npz``.
 
@@ -104,7 +88,7 @@ def write_token_npz(path: str | os.PathLike[str], tokens: Any, tokens_flip: Any)
         raise ValueError(
             f"{TOKEN_KEY} and {FLIP_TOKEN_KEY} lengths differ: {bits.shape[0]} vs {flip_bits.shape[0]}"
         )
-    _write_atomically(
+    atomic_write(
         path, lambda file: np.savez_compressed(file, **{TOKEN_KEY: bits, FLIP_TOKEN_KEY: flip_bits})
     )
     return path
@@ -121,7 +105,7 @@ def write_token_metadata(root: str | os.PathLike[str], **fields: Any) -> Path:
     metadata: dict[str, Any] = {"format": "npz", "storage_keys": list(STORAGE_KEYS), **fields}
     text = json.dumps(metadata, indent=2)  # before writing, so a non-serialisable field leaves no file behind
     path = Path(root) / METADATA_FILENAME
-    _write_atomically(path, lambda file: file.write(text.encode("utf-8")))
+    atomic_write(path, lambda file: file.write(text.encode("utf-8")))
     return path
 
 

@@ -23,7 +23,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import io
 import json
@@ -31,13 +30,14 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from bar_lightning.io import atomic_write
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
@@ -487,7 +487,7 @@ def draw_plot(
     if len(series) > 1 or legend_title:
         axes.legend(title=legend_title or None, fontsize="small")
     figure.tight_layout()
-    _atomic_write_bytes(path, lambda file: figure.savefig(file, format="png"))
+    atomic_write(path, lambda file: figure.savefig(file, format="png"))
     plt.close(figure)
     return path
 
@@ -587,25 +587,12 @@ def _draw_plot_pillow(
         _draw_text(draw, (right + 50, legend_y), line.label, font=text_font, anchor="lm")
     if legend_title:
         _draw_text(draw, (right + 20, top + 10), legend_title, font=text_font, anchor="lm")
-    _atomic_write_bytes(path, lambda file: image.save(file, format="PNG"))
+    atomic_write(path, lambda file: image.save(file, format="PNG"))
     return path
 
 
-def _atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            write(file)
-        os.replace(temporary_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary_name)
-        raise
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, lambda file: file.write(text.encode("utf-8")))
+    atomic_write(path, lambda file: file.write(text.encode("utf-8")))
 
 
 # --------------------------------------------------------------------------------------------------------------

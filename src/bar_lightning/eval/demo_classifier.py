@@ -43,6 +43,7 @@ from bar_lightning.data.convert import (
     fashion_mnist_image,
 )
 from bar_lightning.data.convert import load_fashion_mnist as load_fashion_mnist_idx
+from bar_lightning.eval import metrics as generation_metrics
 from bar_lightning.models.classifier import SmallImageClassifier
 
 # Written into the safetensors header so that load_classifier can refuse other files with a clear message.
@@ -351,7 +352,7 @@ def features(
 
 
 def feature_statistics(feature_rows: torch.Tensor) -> FeatureStatistics:
-    """Mean and unbiased covariance, in float64, of ``feature_rows [N, D]`` (N >= 2)."""
+    """Mean and unbiased covariance, in float64, of ``feature_rows [N, D]`` (N >= 2); see `metrics.feature_statistics`."""
     if not isinstance(feature_rows, torch.Tensor) or feature_rows.ndim != 2 or feature_rows.shape[0] < 2:
         shape = (
             tuple(feature_rows.shape)
@@ -361,45 +362,18 @@ def feature_statistics(feature_rows: torch.Tensor) -> FeatureStatistics:
         raise ValueError(
             f"feature_rows must be a tensor [N, D] with N >= 2 (a covariance needs two rows), got {shape}"
         )
-    rows = feature_rows.detach().cpu().double().numpy()
-    mean = rows.mean(axis=0)
-    centred = rows - mean
-    covariance = centred.T @ centred / (rows.shape[0] - 1)
-    return FeatureStatistics(mean=mean, covariance=covariance, count=rows.shape[0])
-
-
-def _symmetric_sqrt(matrix: np.ndarray) -> np.ndarray:
-    """Square root of a symmetric positive semi-definite matrix; rounding's tiny negative eigenvalues become 0."""
-    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
-    return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None))) @ eigenvectors.T
+    mean, covariance = generation_metrics.feature_statistics(feature_rows)
+    return FeatureStatistics(mean=mean, covariance=covariance, count=feature_rows.shape[0])
 
 
 def frechet_distance(first: FeatureStatistics, second: FeatureStatistics) -> float:
-    """``|m1 - m2|^2 + tr(C1) + tr(C2) - 2 tr((C1 C2)^(1/2))`` in float64 (FID's formula).
-
-    ``tr((C1 C2)^(1/2))`` is the sum of the square roots of the eigenvalues of ``C1 C2``, which equal those of the
-    symmetric PSD matrix ``C1^(1/2) C2 C1^(1/2)``; two symmetric eigen-decompositions give it exactly and stably,
-    also for the singular covariances of fewer images than feature dimensions. (``scipy.linalg.sqrtm`` of the
-    non-symmetric ``C1 C2``, as torch-fidelity does, can return complex rounding noise, and scipy is not a
-    dependency of this project.) Tiny negative results of rounding are returned as 0.
-    """
+    """FID's formula on two Gaussian fits (the same implementation as the Inception metrics)."""
     if first.mean.shape != second.mean.shape:
         raise ValueError(
             f"feature dimensions differ: {first.mean.shape[0]} vs {second.mean.shape[0]}; compute both statistics "
             "with the same classifier"
         )
-    mean_difference = first.mean - second.mean
-    sqrt_first = _symmetric_sqrt(first.covariance)
-    product = sqrt_first @ second.covariance @ sqrt_first
-    product = (product + product.T) / 2  # exact symmetry for eigvalsh
-    trace_sqrt_product = float(np.sqrt(np.clip(np.linalg.eigvalsh(product), 0.0, None)).sum())
-    distance = (
-        float(mean_difference @ mean_difference)
-        + float(np.trace(first.covariance))
-        + float(np.trace(second.covariance))
-        - 2.0 * trace_sqrt_product
-    )
-    return max(0.0, distance)
+    return generation_metrics.frechet_distance(first.mean, first.covariance, second.mean, second.covariance)
 
 
 def classifier_metrics(

@@ -43,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -52,6 +51,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from bar_lightning.io import atomic_write
 
 # torch-fidelity's name of the TensorFlow-compatible Inception-v3 and the features FID / IS are computed from.
 INCEPTION_EXTRACTOR_NAME = "inception-v3-compat"
@@ -134,20 +135,6 @@ def _check_images_uint8(images: Any, *, name: str) -> np.ndarray:
     return images
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write via a temporary file in the same folder then rename, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            write(file)
-        os.replace(temporary_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary_name)
-        raise
-
-
 def save_adm_npz(path: PathLike, images_uint8: ImagesLike, *, labels: np.ndarray | None = None) -> Path:
     """Save ``images_uint8 [N, H, W, 3]`` as ADM's ``arr_0`` (and ``labels [N]`` as ``arr_1``), atomically."""
     images = _check_images_uint8(images_uint8, name="images_uint8")
@@ -159,7 +146,7 @@ def save_adm_npz(path: PathLike, images_uint8: ImagesLike, *, labels: np.ndarray
         arrays["arr_1"] = labels
     npz_path = Path(path)
     # Writing to an open file keeps np.savez from appending ".npz" to the temporary name.
-    _atomic_write(npz_path, lambda file: np.savez(file, **arrays))
+    atomic_write(npz_path, lambda file: np.savez(file, **arrays))
     return npz_path
 
 
@@ -202,7 +189,7 @@ def save_reference_statistics(path: PathLike, *, mu: np.ndarray, sigma: np.ndarr
     mu, sigma = np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
     _check_statistics(mu, sigma, name="statistics")
     npz_path = Path(path)
-    _atomic_write(npz_path, lambda file: np.savez(file, mu=mu, sigma=sigma))
+    atomic_write(npz_path, lambda file: np.savez(file, mu=mu, sigma=sigma))
     return npz_path
 
 
