@@ -44,10 +44,10 @@ from bar_lightning.data.images import (
     make_eval_dataset,
     make_train_dataset,
 )
-from bar_lightning.lightning.token_datamodule import EpochSyncedDataLoader
+from bar_lightning.lightning.token_datamodule import EpochSyncedDataLoader, EpochSyncedDataModule
 
 
-class ImageDataModule(LightningDataModule):
+class ImageDataModule(EpochSyncedDataModule):
     """Webdataset image shards for the tokenizer: augmented, resampled training and strict, exact evaluation.
 
     ``batch_size`` and ``eval_batch_size`` are per rank; ``samples_per_epoch`` is global (all ranks).
@@ -162,17 +162,6 @@ class ImageDataModule(LightningDataModule):
             self.eval_dataset = make_eval_dataset(
                 shards=self.eval_shards, transform=self.eval_transform, rank=rank, world_size=world_size
             )
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the training random streams of ``epoch`` (only needed outside a Trainer)."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be non-negative, got {epoch}")
-        self._epoch = int(epoch)
-        if self.train_dataset is not None:
-            self.train_dataset.set_epoch(self._epoch)
-
-    def _current_epoch(self) -> int:
-        return self.trainer.current_epoch if self.trainer is not None else self._epoch
 
     def _loader_kwargs(self) -> dict[str, Any]:
         return {

@@ -43,7 +43,29 @@ class EpochSyncedDataLoader(DataLoader):
         return super().__iter__()
 
 
-class TokenDataModule(LightningDataModule):
+class EpochSyncedDataModule(LightningDataModule):
+    """Tracks the epoch whose random choices the training dataset uses (its `set_epoch`).
+
+    Inside a Trainer the epoch comes from `trainer.current_epoch` (read by `EpochSyncedDataLoader` each time
+    iteration starts); outside one, call `set_epoch`. Subclasses set `self._epoch` and `self.train_dataset`.
+    """
+
+    _epoch: int = 0
+    train_dataset: Any = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the training random choices of ``epoch`` (only needed outside a Trainer)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be non-negative, got {epoch}")
+        self._epoch = int(epoch)
+        if self.train_dataset is not None:
+            self.train_dataset.set_epoch(self._epoch)
+
+    def _current_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else self._epoch
+
+
+class TokenDataModule(EpochSyncedDataModule):
     """Pretokenized (upstream ``.npz`` layout) or synthetic bit tokens for the BAR generator.
 
     ``val_num_samples`` > 0 adds a held-out synthetic validation set (same class prototypes, different sample
@@ -179,17 +201,6 @@ class TokenDataModule(LightningDataModule):
             )
         dataset.set_epoch(self._epoch)
         self.train_dataset = dataset
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the training flip choices of ``epoch`` (only needed outside a Trainer)."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be non-negative, got {epoch}")
-        self._epoch = int(epoch)
-        if self.train_dataset is not None:
-            self.train_dataset.set_epoch(self._epoch)
-
-    def _current_epoch(self) -> int:
-        return self.trainer.current_epoch if self.trainer is not None else self._epoch
 
     def _loader_kwargs(self) -> dict[str, Any]:
         return {
