@@ -111,12 +111,7 @@ class TokenizerModule(L.LightningModule):
                 total = total + training["gan_weight"] * adversarial
                 terms["gan"] = adversarial.detach()
             self._check_finite(total, "autoencoder")
-            optimizer, scheduler = optimizers[0], schedulers[0]
-            optimizer.zero_grad(set_to_none=True)
-            self.manual_backward(total)
-            self.clip_gradients(optimizer, gradient_clip_val=training["gradient_clip_val"], gradient_clip_algorithm="norm")
-            optimizer.step()
-            scheduler.step()
+            self._optimizer_step(optimizers[0], schedulers[0], total)
             self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
             for name, value in terms.items():
                 self.log(f"train/{name}", value, batch_size=batch_size)
@@ -131,12 +126,7 @@ class TokenizerModule(L.LightningModule):
             logits_fake = self.discriminator(quantize_to_uint8_grid(reconstruction))
             loss = hinge_d_loss(logits_real, logits_fake)
             self._check_finite(loss, "discriminator")
-            optimizer, scheduler = optimizers[1], schedulers[1]
-            optimizer.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            self.clip_gradients(optimizer, gradient_clip_val=training["gradient_clip_val"], gradient_clip_algorithm="norm")
-            optimizer.step()
-            scheduler.step()
+            self._optimizer_step(optimizers[1], schedulers[1], loss)
             self.log("train/d_loss", loss.detach(), prog_bar=True, batch_size=batch_size)
             self.log("train/logits_real", logits_real.detach().mean(), batch_size=batch_size)
             self.log("train/logits_fake", logits_fake.detach().mean(), batch_size=batch_size)
@@ -147,6 +137,15 @@ class TokenizerModule(L.LightningModule):
         self.log("train/lr", optimizers[0].param_groups[-1]["lr"], batch_size=batch_size)
         if self.ema is not None:
             self.ema.update(self.tokenizer)
+
+    def _optimizer_step(self, optimizer: Any, scheduler: Any, loss: torch.Tensor) -> None:
+        """Backward, clip, step and advance the schedule of one of the two optimisers."""
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        self.clip_gradients(optimizer, gradient_clip_val=self.hparams.training["gradient_clip_val"],
+                            gradient_clip_algorithm="norm")
+        optimizer.step()
+        scheduler.step()
 
     def _check_finite(self, loss: torch.Tensor, which: str) -> None:
         if not torch.isfinite(loss):
