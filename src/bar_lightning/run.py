@@ -9,11 +9,23 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from bar_lightning.config.schema import validate_train_config
+from bar_lightning.lightning.checkpointing import (
+    LAST_CHECKPOINT_NAME,
+    AtomicCheckpointIO,
+    CheckpointReadError,
+    FinalCheckpoint,
+    check_training_checkpoint,
+    newest_valid_checkpoint,
+)
 from bar_lightning.lightning.generator_module import GeneratorModule
 from bar_lightning.lightning.image_datamodule import ImageDataModule, SyntheticImageDataModule
+from bar_lightning.lightning.preemption import DEFAULT_PREEMPTION_EXIT_CODE, Preempted, PreemptionCheckpoint
+from bar_lightning.lightning.random_state import RandomStateCheckpoint
 from bar_lightning.lightning.token_datamodule import TokenDataModule
 from bar_lightning.lightning.tokenizer_module import TokenizerModule
 
@@ -27,7 +39,19 @@ def _instantiate_all(section: DictConfig | dict | None) -> list[Any]:
     return [hydra.utils.instantiate(entry) for entry in section.values() if entry and "_target_" in entry]
 
 
+def checkpoint_folder(cfg: DictConfig) -> Path:
+    """`<run dir>/checkpoints`: where this run's checkpoints (and its preemption checkpoint) are written."""
+    return Path(cfg.paths.output_dir) / "checkpoints"
+
+
 def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
+    """The Trainer of `cfg`, with the reliability pieces every run gets.
+
+    Checkpoints are written atomically and read without running code (`AtomicCheckpointIO`), carry the global
+    random states (`RandomStateCheckpoint`), `last.ckpt` holds the final step when training ends
+    (`FinalCheckpoint`), and a preemption signal saves `last.ckpt` at the next step boundary
+    (`PreemptionCheckpoint`, last in the list so every other callback has finished the step).
+    """
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if isinstance(trainer_kwargs.get("strategy"), dict):
         trainer_kwargs["strategy"] = hydra.utils.instantiate(cfg.trainer.strategy)
@@ -38,10 +62,25 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
         from lightning.pytorch.callbacks import ProgressBar
 
         callbacks = [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
+    callbacks.append(RandomStateCheckpoint())
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if trainer_kwargs.get("enable_checkpointing", True) and not trainer_kwargs.get("fast_dev_run"):
+        callbacks.append(FinalCheckpoint(checkpoint_folder(cfg) / LAST_CHECKPOINT_NAME))
+    preemption = cfg.get("preemption")
+    if preemption is not None and preemption.enabled:
+        callbacks.append(PreemptionCheckpoint(
+            checkpoint_path=checkpoint_folder(cfg) / LAST_CHECKPOINT_NAME, signals=list(preemption.signals),
+            exit_code=preemption.exit_code, requeue=preemption.requeue,
+        ))
+        if SLURMEnvironment.detect():
+            # Lightning's own SLURM handler saves inside the signal handler and requeues from there; ours saves at
+            # the next step boundary instead, so Lightning's is switched off.
+            plugins.append(SLURMEnvironment(auto_requeue=False))
     return L.Trainer(
         callbacks=callbacks,
         logger=_instantiate_all(cfg.logger) or False,
         default_root_dir=cfg.paths.output_dir,
+        plugins=plugins,
         **trainer_kwargs,
     )
 
@@ -94,15 +133,26 @@ def initialise_encoder(module: TokenizerModule, weights: str) -> None:
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """The user's `ckpt_path`, else this run directory's `checkpoints/last.ckpt` if a previous attempt wrote it."""
+    """The checkpoint this run resumes from: the user's `ckpt_path`, else the newest valid one this run wrote.
+
+    Only two sources are ever loaded: the file the user named, and the checkpoints in this run directory's own
+    `checkpoints/` folder (normally `last.ckpt`, written by a previous attempt of the same command). A truncated or
+    corrupt newest file there is reported by name and the previous valid one is used. Both are vetted with
+    `weights_only=True` before Lightning reads them (again without running code).
+    """
     if cfg.ckpt_path:
         if not Path(cfg.ckpt_path).is_file():
             raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
+        try:
+            check_training_checkpoint(cfg.ckpt_path)
+        except CheckpointReadError as error:
+            raise CheckpointReadError(f"ckpt_path: {error}") from error
+        log.info("Resuming from %s (ckpt_path)", cfg.ckpt_path)
         return str(cfg.ckpt_path)
-    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        log.info("Resuming from %s", last)
-        return str(last)
+    newest = newest_valid_checkpoint(checkpoint_folder(cfg))
+    if newest is not None:
+        log.info("Resuming from %s", newest)
+        return str(newest)
     return None
 
 
@@ -121,5 +171,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = build_trainer(cfg)
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, Path(cfg.paths.output_dir) / "config.yaml")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException as error:
+        # Lightning's own SIGTERM path (a signal before our handlers are installed, i.e. before training starts)
+        # exits with status 0; report it as a preemption so schedulers and wrappers do not take it for success.
+        exit_code = cfg.preemption.exit_code if cfg.get("preemption") is not None else DEFAULT_PREEMPTION_EXIT_CODE
+        raise Preempted(exit_code) from error
     return {key: float(value) for key, value in trainer.callback_metrics.items()}

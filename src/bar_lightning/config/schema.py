@@ -99,6 +99,33 @@ class TokenDataConfig:
 
 
 @dataclass
+class PreemptionConfig:
+    """What a preemption signal does: save `<run dir>/checkpoints/last.ckpt` at the next step boundary, then exit.
+
+    The exit code is distinct from success (0) and errors (1); with `requeue` and `SLURM_JOB_ID` set, the job is
+    also requeued with `scontrol requeue`. See docs/reliability.md.
+    """
+
+    enabled: bool = True
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    exit_code: int = 75  # sysexits.h EX_TEMPFAIL: "temporary failure, try again"
+    requeue: bool = True
+
+
+def check_preemption(preemption: DictConfig) -> None:
+    from bar_lightning.lightning.preemption import PREEMPTION_SIGNALS
+
+    unknown = sorted(set(preemption.signals) - set(PREEMPTION_SIGNALS))
+    if unknown:
+        raise ConfigError(f"preemption.signals has unknown signal(s) {unknown}; use some of {sorted(PREEMPTION_SIGNALS)}")
+    if not 2 <= preemption.exit_code <= 125:
+        raise ConfigError(
+            f"preemption.exit_code={preemption.exit_code} must be in 2..125 (0 and 1 mean success and error; "
+            "126 and above are reserved by shells)"
+        )
+
+
+@dataclass
 class TrainerConfig:
     """Arguments of `lightning.Trainer` that runs may set."""
 
@@ -149,6 +176,7 @@ class GeneratorTrainConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     data: TokenDataConfig = field(default_factory=TokenDataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     callbacks: dict[str, Any] = field(default_factory=dict)
     logger: dict[str, Any] = field(default_factory=dict)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -239,6 +267,7 @@ class TokenizerTrainConfig:
     evaluation: TokenizerEvaluationConfig = field(default_factory=TokenizerEvaluationConfig)
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     callbacks: dict[str, Any] = field(default_factory=dict)
     logger: dict[str, Any] = field(default_factory=dict)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -361,6 +390,7 @@ def validate_train_config(cfg: DictConfig) -> DictConfig:
     if task not in SCHEMAS:
         raise ConfigError(f"task={task!r} is unknown; use one of {sorted(SCHEMAS)} (set by the experiment)")
     merged = merge_with_schema(cfg, SCHEMAS[task])
+    check_preemption(merged.preemption)
     if task == "tokenizer":
         validate_tokenizer_config(merged)
         return merged

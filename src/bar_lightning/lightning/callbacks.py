@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -41,3 +43,23 @@ class GeneratorPreview(L.Callback):
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):
                 experiment.add_image("preview/bits", grid, global_step=step)
+
+
+class BatchKeyLog(L.Callback):
+    """Appends the sample keys of every training batch to a JSON-lines file: `{"step": s, "keys": [...]}`.
+
+    An audit of which data each optimiser step saw (e.g. to check that a resumed run continued exactly where the
+    interrupted one stopped). `step` is the global step the batch is trained in, counted from 0. Under DDP each rank
+    writes `<path stem>.rank<r><suffix>`. Lines are flushed one by one, so a killed run keeps every line it wrote.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *args: Any) -> None:
+        path = self.path
+        if trainer.world_size > 1:
+            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as file:
+            file.write(json.dumps({"step": trainer.global_step, "keys": list(batch["key"])}) + "\n")

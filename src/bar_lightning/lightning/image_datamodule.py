@@ -44,7 +44,11 @@ from bar_lightning.data.images import (
     make_eval_dataset,
     make_train_dataset,
 )
-from bar_lightning.lightning.token_datamodule import EpochSyncedDataLoader, EpochSyncedDataModule
+from bar_lightning.lightning.token_datamodule import (
+    EpochSyncedDataLoader,
+    EpochSyncedDataModule,
+    ResumableDataLoader,
+)
 
 
 class ImageDataModule(EpochSyncedDataModule):
@@ -189,8 +193,10 @@ class ImageDataModule(EpochSyncedDataModule):
             return []
         if self.eval_dataset is None:
             raise RuntimeError("call setup() before val_dataloader()")
+        # Its own generator: starting a validation pass must not draw from the global stream training uses.
         return DataLoader(
-            self.eval_dataset, batch_size=self.eval_batch_size, drop_last=False, **self._loader_kwargs()
+            self.eval_dataset, batch_size=self.eval_batch_size, drop_last=False,
+            generator=torch.Generator().manual_seed(self.seed), **self._loader_kwargs()
         )
 
 
@@ -212,10 +218,16 @@ class SyntheticImageDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_dataset, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.hparams.num_workers)
+        # Resumable: the order of each epoch follows from (seed, epoch) and a resumed fit continues mid-epoch.
+        return ResumableDataLoader(self.train_dataset, seed=self.hparams.seed, epoch_fn=self._current_epoch,
+                                   batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
+                                   num_workers=self.hparams.num_workers)
+
+    def _current_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:
             return []
-        return DataLoader(self.val_dataset, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
+        return DataLoader(self.val_dataset, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers,
+                          generator=torch.Generator().manual_seed(self.hparams.seed))

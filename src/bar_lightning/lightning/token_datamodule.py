@@ -10,12 +10,14 @@ DistributedSampler itself under DDP (it re-creates the DataLoader; the epoch hoo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 from bar_lightning.data.tokens import PretokenizedTokens, SyntheticBitTokens
 
@@ -26,7 +28,7 @@ _VAL_SAMPLE_SEED_OFFSET = 1_000_003
 
 
 class EpochSyncedDataLoader(DataLoader):
-    """DataLoader that calls ``dataset.set_epoch(epoch_fn())`` whenever iteration starts.
+    """DataLoader that calls ``dataset.set_epoch(epoch_fn())`` (if the dataset has it) whenever iteration starts.
 
     ``epoch_fn`` is an ``__init__`` argument stored under the same name so Lightning can re-create the
     loader with a distributed sampler without losing it.
@@ -37,10 +39,100 @@ class EpochSyncedDataLoader(DataLoader):
         self.epoch_fn = epoch_fn
 
     def __iter__(self) -> Iterator[Any]:
-        if self.epoch_fn is not None:
+        if self.epoch_fn is not None and hasattr(self.dataset, "set_epoch"):
             # Before super().__iter__(): that is when indices are sent to (possibly persistent) workers.
             self.dataset.set_epoch(self.epoch_fn())
         return super().__iter__()
+
+
+def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    """A 63-bit seed for `(seed, epoch, stream)`, independent of the global random streams."""
+    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1, dtype=np.uint64)[0]) >> 1
+
+
+_ORDER_STREAM = 0x4F524452  # "ORDR": the shuffling permutation
+_WORKER_STREAM = 0x574B5253  # "WKRS": the base seed of DataLoader workers
+
+
+class _SkipFirstBatches:
+    """A batch sampler that drops its first `count` batches of indices (drawn, so the order stays the same)."""
+
+    def __init__(self, batch_sampler: Iterable[list[int]], count: int) -> None:
+        self.batch_sampler = batch_sampler
+        self.count = count
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return itertools.islice(iter(self.batch_sampler), self.count, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.batch_sampler) - self.count)  # type: ignore[arg-type]
+
+
+class ResumableDataLoader(EpochSyncedDataLoader):
+    """Map-style training loader whose position is saved in checkpoints, so a resumed fit continues mid-epoch exactly.
+
+    * The order of epoch `e` is a pure function of `(seed, e)`: the shuffling permutation and the workers' base
+      seed come from generators re-seeded when each epoch's iteration starts, never from the global torch stream
+      (which the training step uses; see `RandomStateCheckpoint`).
+    * `state_dict()` is `{"epoch", "batches_yielded"}`; Lightning stores it in each checkpoint (its fit loop saves
+      the state of stateful loaders) and calls `load_state_dict` on resume. The next iteration of that epoch then
+      draws the same permutation and skips the batches already trained on, without loading them.
+
+    Under DDP Lightning swaps in a `DistributedSampler` (seeded, `set_epoch` per epoch), which keeps both properties.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        seed: int = 0,
+        shuffle: bool = False,
+        epoch_fn: Callable[[], int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # Lightning re-creates the loader from these same arguments (e.g. with a DistributedSampler); a generator
+        # it passes back is this loader's own worker-seed generator and is reused.
+        self.seed = seed
+        self._order_generator = torch.Generator()
+        worker_generator = kwargs.pop("generator", None) or torch.Generator()
+        if shuffle:
+            kwargs["sampler"] = RandomSampler(dataset, generator=self._order_generator)
+        super().__init__(dataset, epoch_fn=epoch_fn, generator=worker_generator, **kwargs)
+        self._iteration_epoch = 0
+        self._batches_yielded = 0
+        self._resume_position: dict[str, int] | None = None
+        self._batches_to_skip = 0
+
+    @property
+    def _index_sampler(self) -> Any:
+        # Read by the DataLoader iterator when it starts (and by persistent workers' resets) to draw index batches.
+        index_sampler = super()._index_sampler
+        return _SkipFirstBatches(index_sampler, self._batches_to_skip) if self._batches_to_skip else index_sampler
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._iteration_epoch, "batches_yielded": self._batches_yielded}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume_position = {"epoch": int(state_dict["epoch"]), "batches_yielded": int(state_dict["batches_yielded"])}
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = self.epoch_fn() if self.epoch_fn is not None else self._iteration_epoch
+        self._order_generator.manual_seed(_epoch_seed(self.seed, epoch, _ORDER_STREAM))
+        self.generator.manual_seed(_epoch_seed(self.seed, epoch, _WORKER_STREAM))
+        resume, self._resume_position = self._resume_position, None
+        skip = resume["batches_yielded"] if resume is not None and resume["epoch"] == epoch else 0
+        self._iteration_epoch, self._batches_yielded = epoch, skip
+        self._batches_to_skip = skip
+        try:
+            iterator = super().__iter__()
+        finally:
+            self._batches_to_skip = 0
+        return self._count(iterator)
+
+    def _count(self, iterator: Iterator[Any]) -> Iterator[Any]:
+        for batch in iterator:
+            self._batches_yielded += 1
+            yield batch
 
 
 class EpochSyncedDataModule(LightningDataModule):
@@ -213,8 +305,9 @@ class TokenDataModule(EpochSyncedDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise RuntimeError("call setup() before train_dataloader()")
-        return EpochSyncedDataLoader(
+        return ResumableDataLoader(
             self.train_dataset,
+            seed=self.seed,
             epoch_fn=self._current_epoch,
             shuffle=True,
             drop_last=self.drop_last,
@@ -225,4 +318,6 @@ class TokenDataModule(EpochSyncedDataModule):
         """The held-out synthetic set, or an empty list (Lightning then skips validation)."""
         if self.val_dataset is None:
             return []
-        return DataLoader(self.val_dataset, shuffle=False, drop_last=False, **self._loader_kwargs())
+        # Its own generator: starting a validation pass must not draw from the global stream training uses.
+        return DataLoader(self.val_dataset, shuffle=False, drop_last=False,
+                          generator=torch.Generator().manual_seed(self.seed), **self._loader_kwargs())
