@@ -51,9 +51,14 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu", mmap:
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
+        reason = _refusal_reason(error)
+        what = (
+            "unpickling it would run arbitrary code" if "GLOBAL" in reason else
+            "it is not a plain checkpoint of tensors and containers; only the unrestricted unpickler, which can run "
+            "arbitrary code, would read it"
+        )
         raise CheckpointReadError(
-            f"refusing to load {path}: it is not a plain checkpoint of tensors and containers, unpickling it would "
-            f"run arbitrary code ({_refusal_reason(error)}). Only checkpoints written by train.py are resumed; if "
+            f"refusing to load {path}: {what} ({reason}). Only plain checkpoints (as train.py writes) are loaded; if "
             "you trust the file, re-save its contents as tensors from a trusted environment"
         ) from error
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:

@@ -282,7 +282,10 @@ class TokenizerModule(L.LightningModule):
         No pretrained loss network is needed; `decode_only=True` drops the encoder too (sampling needs only the
         decoder).
         """
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        from bar_lightning.lightning.checkpointing import read_checkpoint
+
+        # weights_only: a crafted file is refused with its name instead of running code.
+        checkpoint = read_checkpoint(checkpoint_path, map_location="cpu")
         hparams = checkpoint["hyper_parameters"]
         has_ema = any(key.startswith("ema.averaged.") for key in checkpoint["state_dict"])
         prefix = "ema.averaged." if use_ema and has_ema else "tokenizer."
