@@ -218,3 +218,16 @@ def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     restore_random_state(read_checkpoint(tmp_path / "rng.ckpt")["rng"])
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 4, 16, 16)])
+def test_tokenizer_names_a_wrong_image_size_or_channel_count_and_the_expected_one(shape):
+    from bar_lightning.models.conv_tokenizer import ConvFSQTokenizer
+
+    tokenizer = ConvFSQTokenizer(image_size=16, bits_per_token=6, base_channels=16, encoder_width=32,
+                                 decoder_width=32)
+    with pytest.raises(ValueError, match=rf"\[B, 3, 16, 16\].*got \({', '.join(map(str, shape))}\)"):
+        tokenizer.encode_bits(torch.zeros(shape))
