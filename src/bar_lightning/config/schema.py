@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from bar_lightning.models.bar import SAMPLING_PRECISIONS
 from bar_lightning.models.linear_head import MAX_LINEAR_HEAD_BITS
 from bar_lightning.models.mbm_head import validate_tokens_allocation
 
@@ -77,6 +78,11 @@ class SamplingConfig:
     tokens_allocation: list[int] = field(default_factory=lambda: [2, 2, 5, 7])
     random_order: bool = False
     seed: int = 0
+    # Speed settings of evaluate.py on a GPU (ignored on CPU). The defaults are the fast path; every one of them
+    # keeps float32 results except precision=bf16 (see docs/benchmarks.md).
+    cuda_graph: bool = True  # replay the whole sampling loop as one CUDA graph
+    compile: bool = True  # torch.compile the per-step block halves and the MBM head
+    precision: str = "fp32"  # fp32 (official numerics, TF32 matmuls allowed) or bf16 (autocast, bf16 KV cache)
 
 
 @dataclass
@@ -350,6 +356,12 @@ def check_sampling(sampling: DictConfig, bits_per_step: int, head: str) -> None:
         raise ConfigError(f"sampling.temperature={sampling.temperature} must be >= 0")
     if sampling.guidance_scale < 0:
         raise ConfigError(f"sampling.guidance_scale={sampling.guidance_scale} must be >= 0 (<= 1 disables CFG)")
+    check_sampling_precision(sampling)
+
+
+def check_sampling_precision(sampling: DictConfig) -> None:
+    if sampling.precision not in SAMPLING_PRECISIONS:
+        raise ConfigError(f"sampling.precision={sampling.precision!r} is unknown; use one of {list(SAMPLING_PRECISIONS)}")
 
 
 def check_generator_model(model: DictConfig) -> int:
@@ -495,6 +507,7 @@ def validate_evaluate_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError("num_samples_per_class and batch_size must be positive")
     if merged.sampling.temperature < 0:
         raise ConfigError(f"sampling.temperature={merged.sampling.temperature} must be >= 0")
+    check_sampling_precision(merged.sampling)
     tokenizer = merged.tokenizer
     if tokenizer.checkpoint and tokenizer.upstream_weights:
         raise ConfigError("give one of tokenizer.checkpoint or tokenizer.upstream_weights, not both")

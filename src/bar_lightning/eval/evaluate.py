@@ -97,7 +97,7 @@ def generate_shard(
             bits = generator.generate(
                 labels[batch_indices].to(device), guidance_scale=float(sampling.guidance_scale),
                 temperature=float(sampling.temperature), tokens_allocation=allocation,
-                random_order=bool(sampling.random_order), generator=rng,
+                random_order=bool(sampling.random_order), generator=rng, **fast_path_options(sampling, device),
             )
             bits_parts.append(bits.cpu().numpy().astype(np.uint8))
             if tokenizer is not None:
@@ -107,6 +107,11 @@ def generate_shard(
     bits_all = np.concatenate(bits_parts) if bits_parts else empty_bits
     images_all = np.concatenate(image_parts) if image_parts else None
     return bits_all, images_all
+
+
+def fast_path_options(sampling: DictConfig, device: torch.device) -> dict[str, Any]:
+    """`generate` keyword arguments for the configured speed settings (CUDA graphs only exist on GPUs)."""
+    return {"cuda_graph": bool(sampling.cuda_graph) and device.type == "cuda", "precision": str(sampling.precision)}
 
 
 def merge_parts(output: Path, world_size: int, num_samples: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -144,7 +149,8 @@ def run_speed_benchmark(generator: BARGenerator, tokenizer: torch.nn.Module | No
         rng = torch.Generator(device=device).manual_seed(cfg.seed + index)
         bits = generator.generate(labels, guidance_scale=float(cfg.sampling.guidance_scale),
                                   temperature=float(cfg.sampling.temperature), tokens_allocation=allocation,
-                                  random_order=bool(cfg.sampling.random_order), generator=rng)
+                                  random_order=bool(cfg.sampling.random_order), generator=rng,
+                                  **fast_path_options(cfg.sampling, device))
         if tokenizer is not None and speed.include_decoder:
             tokenizer.decode_bits(bits)
 
@@ -176,6 +182,11 @@ def run_speed_benchmark(generator: BARGenerator, tokenizer: torch.nn.Module | No
         "world_size": world_size,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "includes_decoder": bool(tokenizer is not None and speed.include_decoder),
+        "precision": str(cfg.sampling.precision),
+        "cuda_graph": bool(cfg.sampling.cuda_graph) and device.type == "cuda",
+        "compile": bool(cfg.sampling.compile) and device.type == "cuda",
+        "float32_matmul_precision": str(cfg.float32_matmul_precision),
+        "torch": torch.__version__,
     }
 
 
@@ -197,6 +208,8 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
 
     metric_names = list(cfg.metrics.names)
     generator = load_generator_from_source(cfg.generator).to(device).eval()
+    if cfg.sampling.compile and device.type == "cuda":
+        generator.compile_decode()
     classes = list(cfg.classes) if cfg.classes is not None else list(range(generator.num_classes))
     if any(not 0 <= c < generator.num_classes for c in classes):
         raise ConfigError(f"classes={classes} has a class outside 0..{generator.num_classes - 1}")

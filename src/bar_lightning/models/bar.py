@@ -8,8 +8,12 @@ Position `P - 1 + j` produces the latent condition of AR step `j` (the step at g
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -34,8 +38,7 @@ MASK_ID = 2
 FIRST_CLASS_ROW = 3  # rows 0..2 of the class table exist in released checkpoints but are never read
 
 
-@dataclass
-class RotaryRows:
+class RotaryRows(NamedTuple):
     """Cos/sin tables gathered for one forward: queries `[B, 2, 1, N, hd]` (own / target half), keys `[B, 1, N, hd]`."""
 
     q_cos: torch.Tensor
@@ -85,26 +88,21 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width)
         self.proj_drop = nn.Dropout(dropout)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: RotaryRows,
-        attn_mask: torch.Tensor | None,
-        kv_cache: StaticKVCache | None = None,
-        layer: int = 0,
-        is_causal: bool = False,
-    ) -> torch.Tensor:
-        batch, length, width = x.shape
+    def project(self, x: torch.Tensor, rope: RotaryRows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values `[B, H, N, hd]`, normalised and rotated."""
+        batch, length, _ = x.shape
         qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [B, H, N, hd]
         q, k = self.q_norm(q), self.k_norm(k)
         # First half of the query heads rotate by their own location, second half by the location predicted next.
         q = apply_rope(q.unflatten(1, (2, self.num_heads // 2)), rope.q_cos, rope.q_sin).flatten(1, 2)
         k = apply_rope(k, rope.k_cos, rope.k_sin)
-        if kv_cache is not None:
-            k, v = kv_cache.write(layer, k, v)  # [B, H, cached + N, hd]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # [B, H, N, hd]
-        out = out.transpose(1, 2).reshape(batch, length, width)
+        return q, k, v
+
+    def output(self, attended: torch.Tensor) -> torch.Tensor:
+        """`[B, H, N, hd]` attention result -> `[B, N, D]` after the output projection."""
+        batch, _, length, _ = attended.shape
+        out = attended.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         # As upstream, attention-probability dropout is not applied; only the output projection drops.
         return self.proj_drop(self.proj(out))
 
@@ -120,6 +118,31 @@ class Block(nn.Module):
         self.mlp = SwiGLU(width, swiglu_hidden_width(width), dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
+    def attention_inputs(
+        self, x: torch.Tensor, condition: torch.Tensor, rope: RotaryRows
+    ) -> tuple[torch.Tensor, ...]:
+        """First half of the block, up to attention: `(q, k, v, gate1, shift2, scale2, gate2)`.
+
+        Split from `finish` so that the single-position decode step can run both halves compiled while the
+        attention over a growing KV cache (a new length every step) stays outside the compiled code.
+        """
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(condition).chunk(6, dim=-1)
+        q, k, v = self.attn.project(modulate(self.norm1(x), shift1, scale1), rope)
+        return q, k, v, gate1, shift2, scale2, gate2
+
+    def finish(
+        self,
+        x: torch.Tensor,
+        attended: torch.Tensor,
+        gate1: torch.Tensor,
+        shift2: torch.Tensor,
+        scale2: torch.Tensor,
+        gate2: torch.Tensor,
+    ) -> torch.Tensor:
+        """Second half: output projection, both residual branches and the MLP."""
+        x = x + gate1 * self.attn.output(attended)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
     def forward(
         self,
         x: torch.Tensor,
@@ -130,10 +153,11 @@ class Block(nn.Module):
         layer: int = 0,
         is_causal: bool = False,
     ) -> torch.Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(condition).chunk(6, dim=-1)
-        attn_in = modulate(self.norm1(x), shift1, scale1)
-        x = x + gate1 * self.attn(attn_in, rope, attn_mask, kv_cache, layer, is_causal)
-        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        q, k, v, *modulation = self.attention_inputs(x, condition, rope)
+        if kv_cache is not None:
+            k, v = kv_cache.write(layer, k, v)  # [B, H, cached + N, hd]
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # [B, H, N, hd]
+        return self.finish(x, attended, *modulation)
 
 
 class BARGenerator(nn.Module):
@@ -285,8 +309,12 @@ class BARGenerator(nn.Module):
                 f"bits must have shape [B, {expected}] ({self.num_tokens} tokens x {self.bits_per_token} bits), "
                 f"got {tuple(bits.shape)}"
             )
-        if bool(((bits != 0) & (bits != 1)).any()):
-            raise ValueError("bits must be 0 or 1; found another value (packed codes or mask ids are not accepted)")
+        bad = (bits != 0) & (bits != 1)
+        if bool(bad.any()):
+            raise ValueError(
+                f"bits must be 0 or 1; found {bits[bad][0].item()} (expected 0 or 1: packed codes or mask ids are "
+                "not accepted)"
+            )
 
     def raster_orders(self, batch: int, device: torch.device) -> torch.Tensor:
         return torch.arange(self.num_steps, device=device).unsqueeze(0).expand(batch, -1)
@@ -418,6 +446,40 @@ class BARGenerator(nn.Module):
             return 1.0
         return 1.0 + (guidance_scale - 1.0) * (step / num_steps)
 
+    def compile_decode(self, enabled: bool = True, *, fused_attention: bool = True, align_head: bool = True) -> None:
+        """Compile the per-step work of `generate` (both halves of every block and the MBM head) with torch.compile.
+
+        Only the shapes of one decode step are compiled (static, one compilation serves all blocks). This fuses the
+        many small element-wise kernels (norms, modulation, RoPE, gates, SiLU) between the matrix products.
+
+        Args:
+            fused_attention: float32 attention of the new position over the cache as two compiled reductions that
+                read K and V once (SDPA's float32 kernels pad the single query to a 64-row tile and run 3-5x over
+                the bandwidth floor on an H200); compiled with a dynamic cache length. bf16 keeps SDPA (cuDNN).
+            align_head: run the MBM head's MLPs (odd hidden width 5461) on zero-padded aligned weight copies made
+                once per batch (see `SwiGLU.aligned_weights`).
+        """
+        if not enabled:
+            if _DECODE_FUNCTIONS.pop(self, None) is not None:
+                drop_captured_generations(self)
+            return
+        compiled_head = None
+        if isinstance(self.lm_head, MaskBitModelingHead):
+            compiled_head = torch.compile(self.lm_head.logits, dynamic=False)
+        _DECODE_FUNCTIONS[self] = DecodeFunctions(
+            attention_inputs=torch.compile(Block.attention_inputs, dynamic=False),
+            finish=torch.compile(Block.finish, dynamic=False),
+            head_logits=compiled_head,
+            fp32_attention=torch.compile(fused_decode_attention, dynamic=True) if fused_attention else None,
+            align_head=align_head,
+        )
+        drop_captured_generations(self)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
+        # Moving or casting the weights invalidates every captured CUDA graph (they hold the old addresses).
+        drop_captured_generations(self)
+        return super()._apply(fn, recurse)
+
     @torch.no_grad()
     def generate(
         self,
@@ -429,12 +491,21 @@ class BARGenerator(nn.Module):
         random_order: bool = False,
         generator: torch.Generator | None = None,
         trace: dict[str, list] | None = None,
+        cuda_graph: bool | None = None,
+        precision: str = "fp32",
     ) -> torch.Tensor:
         """Sample images' bits for class `labels [B]`.
 
         CFG is on iff `guidance_scale > 1`: the backbone then runs on a doubled batch (class rows, then null rows)
         and the head combines logits with the linear ramp `1 + (g - 1) * k / L`. Uses a preallocated KV cache.
         If `trace` is a dict, per-step latent conditions, CFG scales and bits are appended to it (for debugging).
+
+        Args:
+            cuda_graph: capture the whole sampling loop in one CUDA graph and replay it (default: on for CUDA
+                inputs without `trace`). The first call for a new (batch, settings) pair runs eagerly once, then
+                captures; later calls replay. Same random stream and same bits as the eager loop.
+            precision: "fp32" (float32 weights and activations; TF32 matmuls if enabled, as the official sampler)
+                or "bf16" (bf16 autocast with a bf16 KV cache: faster, not bit-identical to fp32).
 
         Returns:
             `[B, L0 * Cb]` int64 bits in the flat tokenizer layout (raster tokens, bits minor).
@@ -444,10 +515,51 @@ class BARGenerator(nn.Module):
             tokens_allocation = [self.bits_per_step]
         if self.head_type == "mbm":
             tokens_allocation = validate_tokens_allocation(tokens_allocation, self.bits_per_step)
+        if precision not in SAMPLING_PRECISIONS:
+            raise ValueError(f"precision={precision!r} is not a sampling precision; use one of {SAMPLING_PRECISIONS}")
+        settings = SamplingSettings(
+            float(guidance_scale), float(temperature), tuple(int(a) for a in tokens_allocation), bool(random_order),
+            precision,
+        )
+        if cuda_graph is None:
+            cuda_graph = labels.is_cuda and trace is None
+        if cuda_graph:
+            if trace is not None:
+                raise ValueError("trace records per-step tensors eagerly; call generate with cuda_graph=False")
+            if not labels.is_cuda:
+                raise ValueError(f"cuda_graph=True needs CUDA tensors; labels are on {labels.device}")
+            if labels.shape[0] == 0:
+                return self._generate(labels, settings, generator, None)
+            return captured_generation(self, labels.shape[0], settings, labels.device)(labels, generator)
+        return self._generate(labels, settings, generator, trace)
+
+    def _generate(
+        self,
+        labels: torch.Tensor,
+        settings: SamplingSettings,
+        generator: torch.Generator | None,
+        trace: dict[str, list] | None,
+    ) -> torch.Tensor:
+        """The sampling loop. No host synchronisation (CUDA-graph capturable); labels are assumed valid."""
+        decode = _DECODE_FUNCTIONS.get(self, EAGER_DECODE)
+        autocast = (
+            torch.autocast(labels.device.type, dtype=torch.bfloat16) if settings.precision == "bf16" else nullcontext()
+        )
+        with autocast:
+            return self._generation_loop(labels, settings, generator, trace, decode)
+
+    def _generation_loop(
+        self,
+        labels: torch.Tensor,
+        settings: SamplingSettings,
+        generator: torch.Generator | None,
+        trace: dict[str, list] | None,
+        decode: DecodeFunctions,
+    ) -> torch.Tensor:
         batch, device, prefix, steps = labels.shape[0], labels.device, self.prefix_len, self.num_steps
-        use_cfg = guidance_scale > 1.0
+        use_cfg = settings.guidance_scale > 1.0
         class_rows = self.class_rows(labels)
-        if random_order:
+        if settings.random_order:
             orders = self.sample_orders(batch, 1.0, device, generator)
         else:
             orders = self.raster_orders(batch, device)
@@ -457,22 +569,32 @@ class BARGenerator(nn.Module):
         rows = class_rows.shape[0]
         class_embed = self.embeddings(class_rows)  # [rows, D]
         targets = torch.cat([orders[:, 1:], orders[:, -1:]], dim=1)
-        dtype = self.pos_embed.dtype
+        cache_dtype = torch.bfloat16 if settings.precision == "bf16" else self.pos_embed.dtype
         cache = StaticKVCache(
             num_layers=len(self.blocks), batch=rows, num_heads=self.num_heads, max_len=prefix + steps - 1,
-            head_dim=self.hidden_size // self.num_heads, dtype=dtype, device=device,
+            head_dim=self.hidden_size // self.num_heads, dtype=cache_dtype, device=device,
         )
 
         x, condition, own_rows, target_rows = self.prefix(class_rows, orders[:, 0])
         hidden = self.run_blocks(x, condition, self.rotary_rows(own_rows, target_rows), True, cache)
         latent = self.latent_condition_proj(self.norm(hidden[:, -1:]))  # [rows, 1, W]
 
+        head_logits = decode.head_logits
+        if decode.align_head and isinstance(self.lm_head, MaskBitModelingHead):
+            aligned = self.lm_head.aligned_mlp_weights()  # once per batch, so it follows the current weights
+            if aligned is not None:
+                head_logits = partial(head_logits or self.lm_head.logits, aligned_mlps=aligned)
+        attention = F.scaled_dot_product_attention
+        if decode.fp32_attention is not None and settings.precision == "fp32" and device.type == "cuda":
+            attention = decode.fp32_attention
+
         generated = torch.empty(batch, steps, self.bits_per_step, dtype=torch.long, device=device)
         for step in range(steps):
-            scale = self.guidance_ramp(guidance_scale, step, steps)
+            scale = self.guidance_ramp(settings.guidance_scale, step, steps)
             step_bits = self.lm_head.sample(
-                latent, guidance_scale=scale, temperature=temperature, tokens_allocation=tokens_allocation,
-                use_cfg=use_cfg, generator=generator,
+                latent, guidance_scale=scale, temperature=settings.temperature,
+                tokens_allocation=settings.tokens_allocation, use_cfg=use_cfg, generator=generator,
+                logits_fn=head_logits,
             )  # [B, C]
             generated[:, step] = step_bits
             if trace is not None:
@@ -488,10 +610,121 @@ class BARGenerator(nn.Module):
             x = x + self.pos_embed[0, prefix + location]
             x = x + self.target_aware_pos_embed[0, prefix + target]
             condition = class_embed.unsqueeze(1) + self.timesteps_embeddings[:, prefix + step : prefix + step + 1]
-            hidden = self.run_blocks(x, condition, self.rotary_rows(prefix + location, prefix + target), False, cache)
+            rope = self.rotary_rows(prefix + location, prefix + target)
+            hidden = self.decode_blocks(x, condition, rope, cache, decode, attention)
             latent = self.latent_condition_proj(self.norm(hidden))  # [rows, 1, W]
 
         # Undo the generation order (step j sits at grid location orders[j]) and the patch grouping.
         in_raster = torch.empty_like(generated)
         in_raster.scatter_(1, orders[:batch].unsqueeze(-1).expand(-1, -1, self.bits_per_step), generated)
         return self.steps_to_tokens(in_raster)
+
+    def decode_blocks(
+        self, x: torch.Tensor, condition: torch.Tensor, rope: RotaryRows, cache: StaticKVCache,
+        decode: DecodeFunctions, attention: Callable[..., torch.Tensor] = F.scaled_dot_product_attention,
+    ) -> torch.Tensor:
+        """All blocks for one new position `[rows, 1, D]` against the cache (same arithmetic as `run_blocks`)."""
+        for layer, block in enumerate(self.blocks):
+            q, k, v, *modulation = decode.attention_inputs(block, x, condition, rope)
+            k, v = cache.write(layer, k, v)  # [rows, H, cached + 1, hd]
+            attended = attention(q, k, v)  # [rows, H, 1, hd]
+            x = decode.finish(block, x, attended, *modulation)
+        cache.advance(x.shape[1])
+        return x
+
+
+SAMPLING_PRECISIONS = ("fp32", "bf16")
+
+
+class SamplingSettings(NamedTuple):
+    """Everything besides the labels that a captured sampling graph depends on."""
+
+    guidance_scale: float
+    temperature: float
+    tokens_allocation: tuple[int, ...]
+    random_order: bool
+    precision: str
+
+
+class DecodeFunctions(NamedTuple):
+    """The per-step functions of `generate`: the plain methods, or their torch.compile'd versions."""
+
+    attention_inputs: Callable[..., tuple[torch.Tensor, ...]]
+    finish: Callable[..., torch.Tensor]
+    head_logits: Callable[..., torch.Tensor] | None  # None: the head's own `logits`
+    fp32_attention: Callable[..., torch.Tensor] | None  # None: SDPA
+    align_head: bool
+
+
+def fused_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row `q [R, H, 1, hd]` over `k, v [R, H, L, hd]` as two reductions.
+
+    Compiled, each reduction reads the cache once (memory-bound, as a single-query attention must be).
+    """
+    scores = (q * k).sum(dim=-1, keepdim=True) * q.shape[-1] ** -0.5  # [R, H, L, 1]
+    weights = torch.softmax(scores, dim=2)
+    return (weights * v).sum(dim=2, keepdim=True)  # [R, H, 1, hd]
+
+
+EAGER_DECODE = DecodeFunctions(
+    attention_inputs=Block.attention_inputs, finish=Block.finish, head_logits=None, fp32_attention=None,
+    align_head=False,
+)
+# Per-model state that must not travel with deepcopy/pickle/state_dict: compiled functions and captured graphs.
+_DECODE_FUNCTIONS: weakref.WeakKeyDictionary[BARGenerator, DecodeFunctions] = weakref.WeakKeyDictionary()
+_CAPTURED: weakref.WeakKeyDictionary[BARGenerator, OrderedDict] = weakref.WeakKeyDictionary()
+MAX_CAPTURED_GENERATIONS = 2  # graphs kept per model; each holds a KV cache's worth of device memory
+
+
+def drop_captured_generations(model: BARGenerator) -> None:
+    _CAPTURED.pop(model, None)
+
+
+class CapturedGeneration:
+    """One CUDA graph of the whole sampling loop for a fixed batch size and settings.
+
+    Capture: one eager run on a side stream (cuBLAS handles, compiled kernels, allocator warm), then the loop is
+    recorded with a private random generator registered with the graph. Replay: labels are copied in, the private
+    generator takes the caller's generator state (or the default CUDA generator's), and the caller's state is
+    advanced afterwards exactly as an eager run would, so graph and eager runs draw the same random numbers.
+    """
+
+    def __init__(self, model: BARGenerator, batch: int, settings: SamplingSettings, device: torch.device) -> None:
+        self.device = device
+        self.labels = torch.zeros(batch, dtype=torch.long, device=device)
+        self.rng = torch.Generator(device=device)
+        self.rng.manual_seed(0)
+        side_stream = torch.cuda.Stream(device)
+        side_stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side_stream):
+            model._generate(self.labels, settings, self.rng, None)
+        torch.cuda.current_stream(device).wait_stream(side_stream)
+        self.graph = torch.cuda.CUDAGraph()
+        self.graph.register_generator_state(self.rng)
+        with torch.cuda.graph(self.graph):
+            self.bits = model._generate(self.labels, settings, self.rng, None)
+
+    def __call__(self, labels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        self.labels.copy_(labels)
+        state = generator.get_state() if generator is not None else torch.cuda.get_rng_state(self.device)
+        self.rng.set_state(state)
+        self.graph.replay()
+        if generator is not None:
+            generator.set_state(self.rng.get_state())
+        else:
+            torch.cuda.set_rng_state(self.rng.get_state(), self.device)
+        return self.bits.clone()
+
+
+def captured_generation(
+    model: BARGenerator, batch: int, settings: SamplingSettings, device: torch.device
+) -> CapturedGeneration:
+    """The captured graph for (batch, settings, device), capturing it on first use (least recently used evicted)."""
+    graphs = _CAPTURED.setdefault(model, OrderedDict())
+    key = (batch, settings, str(device), _DECODE_FUNCTIONS.get(model) is not None)
+    if key not in graphs:
+        while len(graphs) >= MAX_CAPTURED_GENERATIONS:
+            graphs.popitem(last=False)
+        graphs[key] = CapturedGeneration(model, batch, settings, device)
+    graphs.move_to_end(key)
+    return graphs[key]

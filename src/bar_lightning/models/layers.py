@@ -7,6 +7,7 @@ layout) follows the official code bit for bit; `tests/test_parity_generator.py` 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -49,9 +50,37 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden_width, width)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, aligned: AlignedSwiGLUWeights | None = None) -> torch.Tensor:
+        if aligned is not None:
+            gate, value = F.linear(x, aligned.w12, aligned.b12).chunk(2, dim=-1)
+            return F.linear(self.drop(F.silu(gate) * value), aligned.w3, self.w3.bias)
         gate, value = self.w12(x).chunk(2, dim=-1)
         return self.w3(self.drop(F.silu(gate) * value))
+
+    def aligned_weights(self, multiple: int = 8) -> AlignedSwiGLUWeights | None:
+        """Copies of the weights with the hidden width zero-padded to a multiple of `multiple`, or None if aligned.
+
+        An odd hidden width (5461 in the MBM head) makes every row of the hidden activations start at an unaligned
+        address, so cuBLAS falls back to slow unaligned kernels. The padded gate/value rows are zero, SiLU(0) * 0 = 0,
+        and the padded columns of w3 are zero: the same function, computed with aligned matrix products.
+        """
+        hidden = self.w3.in_features
+        pad = (-hidden) % multiple
+        if pad == 0:
+            return None
+        gate_weight, value_weight = self.w12.weight.chunk(2, dim=0)  # [hidden, width] each
+        gate_bias, value_bias = self.w12.bias.chunk(2, dim=0)
+        return AlignedSwiGLUWeights(
+            w12=torch.cat([F.pad(gate_weight, (0, 0, 0, pad)), F.pad(value_weight, (0, 0, 0, pad))]),
+            b12=torch.cat([F.pad(gate_bias, (0, pad)), F.pad(value_bias, (0, pad))]),
+            w3=F.pad(self.w3.weight, (0, pad)),
+        )
+
+
+class AlignedSwiGLUWeights(NamedTuple):
+    w12: torch.Tensor  # [2 * padded hidden, width]
+    b12: torch.Tensor  # [2 * padded hidden]
+    w3: torch.Tensor  # [width, padded hidden]
 
 
 def rope_2d_tables(

@@ -6,7 +6,7 @@ Same interface as `MaskBitModelingHead` so the backbone can switch heads by conf
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -69,9 +69,13 @@ class LinearSoftmaxHead(nn.Module):
         tokens_allocation: Sequence[int] | None = None,
         use_cfg: bool = False,
         generator: torch.Generator | None = None,
+        logits_fn: Callable[..., torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """One-shot sampling of all bits; `tokens_allocation` does not apply to this head and is ignored."""
-        logits = self.logits(conditions).float()
+        """One-shot sampling of all bits; `tokens_allocation` does not apply to this head and is ignored.
+
+        `logits_fn` replaces `self.logits` (the generator passes its compiled version, if any).
+        """
+        logits = (logits_fn or self.logits)(conditions).float()
         if use_cfg:
             cond_logits, uncond_logits = logits.chunk(2, dim=0)
             logits = uncond_logits + guidance_scale * (cond_logits - uncond_logits)

@@ -6,13 +6,14 @@ paper's head versus a linear softmax over all codes, see `linear_head.py`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from bar_lightning.models.layers import (
+    AlignedSwiGLUWeights,
     GaussianFourierEmbedding,
     RMSNorm,
     SwiGLU,
@@ -49,7 +50,7 @@ def validate_tokens_allocation(tokens_allocation: Sequence[int], bits_per_step: 
 
 def gumbel_noise(shape_like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Standard Gumbel noise; the clamped logs keep it finite so that `0 * noise` is exactly 0."""
-    uniform = torch.zeros_like(shape_like).uniform_(0, 1, generator=generator)
+    uniform = torch.empty_like(shape_like).uniform_(0, 1, generator=generator)
     return -torch.log((-torch.log(uniform.clamp(min=1e-20))).clamp(min=1e-20))
 
 
@@ -62,9 +63,11 @@ class ResidualAdaLNBlock(nn.Module):
         self.mlp = SwiGLU(width, swiglu_hidden_width(width))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
-    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, condition: torch.Tensor, aligned_mlp: AlignedSwiGLUWeights | None = None
+    ) -> torch.Tensor:
         shift, scale, gate = self.adaLN_modulation(condition).chunk(3, dim=-1)
-        return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale))
+        return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale), aligned_mlp)
 
 
 class FinalAdaLN(nn.Module):
@@ -111,21 +114,33 @@ class MaskBitModelingHead(nn.Module):
             zero_init_(block.adaLN_modulation[-1])
         zero_init_(self.adaln_before_head.adaLN_modulation[-1])
 
-    def logits(self, bit_ids: torch.Tensor, conditions: torch.Tensor, mask_ratio: torch.Tensor) -> torch.Tensor:
+    def aligned_mlp_weights(self) -> list[AlignedSwiGLUWeights] | None:
+        """Padded MLP weights of every block for `logits(..., aligned_mlps=...)` (None if already aligned)."""
+        weights = [block.mlp.aligned_weights() for block in self.transformer]
+        return None if any(w is None for w in weights) else weights
+
+    def logits(
+        self,
+        bit_ids: torch.Tensor,
+        conditions: torch.Tensor,
+        mask_ratio: torch.Tensor,
+        aligned_mlps: list[AlignedSwiGLUWeights] | None = None,
+    ) -> torch.Tensor:
         """Per-bit logits `[N, C, 2]` (index 0: bit = 0, index 1: bit = 1).
 
         Args:
             bit_ids: `[N, C]` values in {0, 1, 2}, 2 = masked.
             conditions: `[N, 1, W]` latent conditions from the backbone.
             mask_ratio: `[N]` fraction of masked bits, embedded with Fourier features.
+            aligned_mlps: `aligned_mlp_weights()` (the GPU sampler computes them once per batch).
         """
         x = self.input_embed(bit_ids).flatten(1)  # [N, C * e]
         x = self.input_proj(x)  # [N, W]
         t_emb = self.t_embedder(mask_ratio).unsqueeze(1)  # [N, 1, W]
         condition = F.silu(t_emb + conditions).squeeze(1)  # [N, W]
         x = self.ln_pre(x)
-        for block in self.transformer:
-            x = block(x, condition)
+        for index, block in enumerate(self.transformer):
+            x = block(x, condition, None if aligned_mlps is None else aligned_mlps[index])
         x = self.adaln_before_head(x, condition)
         return self.output_embed(x).unflatten(-1, (self.bits_per_step, 2))  # [N, C, 2]
 
@@ -174,17 +189,23 @@ class MaskBitModelingHead(nn.Module):
         tokens_allocation: Sequence[int],
         use_cfg: bool = False,
         generator: torch.Generator | None = None,
+        logits_fn: Callable[..., torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Sample the bits of one AR step for each row, fixing `tokens_allocation[i]` bits at iteration i.
+
+        Runs without host synchronisation (the re-mask count stays on the device), so it can be captured in a CUDA
+        graph.
 
         Args:
             conditions: `[N, 1, W]`, or `[2N, 1, W]` with `use_cfg` (rows N..2N-1 unconditional).
             guidance_scale: logit-level CFG scale `s` in `uncond + s * (cond - uncond)` (used with `use_cfg`).
             temperature: Gumbel temperature T; iteration i uses `T * (1 - i / len(tokens_allocation))`.
+            logits_fn: replacement for `self.logits` with the same arguments (its compiled version).
         Returns:
             `[N, C]` int64 bits in {0, 1}.
         """
         allocation = validate_tokens_allocation(tokens_allocation, self.bits_per_step)
+        logits_fn = logits_fn or self.logits
         bits = self.bits_per_step
         num_iterations = len(allocation)
         batch = conditions.shape[0] // 2 if use_cfg else conditions.shape[0]
@@ -201,12 +222,12 @@ class MaskBitModelingHead(nn.Module):
                 (conditions.shape[0],), mask_ratio, dtype=conditions.dtype, device=device
             )
             if use_cfg:
-                cond_logits, uncond_logits = self.logits(
+                cond_logits, uncond_logits = logits_fn(
                     torch.cat([ids, ids], dim=0), conditions, mask_ratio_rows
                 ).split(batch, dim=0)
                 logits = uncond_logits + guidance_scale * (cond_logits - uncond_logits)  # [N, C, 2]
             else:
-                logits = self.logits(ids, conditions, mask_ratio_rows)
+                logits = logits_fn(ids, conditions, mask_ratio_rows)
 
             chosen = (logits + step_temperature * gumbel_noise(logits, generator)).argmax(dim=-1)  # [N, C]
             chosen_logit = logits.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)  # [N, C]
@@ -220,9 +241,10 @@ class MaskBitModelingHead(nn.Module):
             confidence = confidence + step_temperature * gumbel_noise(confidence, generator)
             # Python's round() is round-half-even, like the official np.round.
             num_to_mask = round(bits * (1.0 - cumulative[i + 1] / bits))
-            # As upstream, the count is clipped with the masked count of row 0 (all rows have the same count).
-            still_masked = int(is_masked[0].sum().item()) if batch > 0 else 0
-            num_to_mask = max(1, min(still_masked - 1, num_to_mask))
-            cut_off = confidence.sort(dim=-1).values[:, num_to_mask - 1 : num_to_mask]  # [N, 1]
+            # As upstream, the count is clipped with the masked count of row 0 (all rows have the same count):
+            # max(1, min(masked_in_row_0 - 1, num_to_mask)), kept on the device to avoid a host sync.
+            still_masked = is_masked[:1].sum(dim=-1, keepdim=True)  # [1, 1]
+            count = (still_masked - 1).clamp(max=num_to_mask).clamp(min=1)  # [1, 1]
+            cut_off = confidence.sort(dim=-1).values.gather(-1, (count - 1).expand(batch, 1))  # [N, 1]
             ids = torch.where(confidence <= cut_off, torch.full_like(chosen, MASK_ID), chosen)
         return ids
