@@ -122,3 +122,32 @@ def test_non_finite_loss_stops_with_the_step(tiny_fit):
     batch = {"bits": torch.zeros(2, 64, dtype=torch.long), "label": torch.tensor([0, 1])}
     with pytest.raises(FloatingPointError, match="global step"):
         module.training_step(batch, 0)
+
+
+def test_fused_adamw_under_bf16_autocast_clips_the_global_gradient_norm(tmp_path):
+    # The GPU default (bf16-mixed + fused AdamW + clip 1.0): Lightning itself refuses to clip for a fused optimiser,
+    # so the module clips; the clipped global norm must be the configured value.
+    cfg = validate_train_config(compose_train(
+        ["experiment=tiny_generator", "logger=none", "callbacks=none", "trainer.max_steps=2",
+         "trainer.precision=bf16-mixed", "optim.fused=true", "trainer.gradient_clip_val=1e-3",
+         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"],
+        tmp_path,
+    ))
+    module, datamodule = build_generator_job(cfg)
+    norms = []
+
+    class RecordNormAtStep(L.Callback):
+        # The closure (forward, backward, clipping) runs inside step(); a post-hook sees the gradients used.
+        def on_train_start(self, trainer, pl_module):
+            def record(optimizer, args, kwargs):
+                grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+                norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+            trainer.optimizers[0].register_step_post_hook(record)
+
+    trainer = build_trainer(cfg, enable_checkpointing=False)
+    trainer.callbacks.append(RecordNormAtStep())
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 2
+    assert module.optimizers().optimizer.defaults["fused"] is True
+    assert norms and all(abs(norm - 1e-3) < 1e-5 for norm in norms), norms

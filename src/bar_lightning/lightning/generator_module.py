@@ -127,7 +127,8 @@ class GeneratorModule(L.LightningModule):
         groups = parameter_groups(source.named_parameters(), optim["weight_decay"], optim["no_decay_rule"])
         fused = optim.get("fused")
         if fused is None:
-            fused = self.device.type == "cuda"
+            # Fused AdamW unscales fp16 gradients itself, so clipping could not run between unscale and step.
+            fused = self.device.type == "cuda" and (str(self.trainer.precision) if self._trainer else "") != "16-mixed"
         optimizer = torch.optim.AdamW(
             groups, lr=optim["learning_rate"], betas=tuple(optim["betas"]), fused=bool(fused) or None
         )
@@ -139,6 +140,25 @@ class GeneratorModule(L.LightningModule):
             ),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1}}
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip the global gradient norm ourselves: Lightning refuses to clip for a fused AdamW under bf16 autocast
+        (it assumes the optimiser unscales fp16 gradients) and for FSDP; FSDP computes the norm over all shards."""
+        if not gradient_clip_val:
+            return
+        if gradient_clip_algorithm not in (None, "norm") or str(self.trainer.precision) == "16-mixed":
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        model = self.trainer.model
+        if hasattr(model, "clip_grad_norm_"):  # FullyShardedDataParallel
+            model.clip_grad_norm_(gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(
+                [p for group in optimizer.param_groups for p in group["params"]], gradient_clip_val
+            )
 
     # ----------------------------------------------------------------- state
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -159,4 +179,7 @@ class GeneratorModule(L.LightningModule):
             tokens_allocation=list(settings["tokens_allocation"]),
             random_order=bool(settings.get("random_order", False)),
             generator=generator,
+            # Training previews stay eager: a captured graph would hold device memory for the rest of the run.
+            cuda_graph=bool(settings.get("cuda_graph", False)) and not self.training and labels.is_cuda,
+            precision=str(settings.get("precision", "fp32")),
         )
