@@ -1,0 +1,129 @@
+"""Shared helpers of the benchmark scripts: compose an experiment, randomise weights, time, describe the machine.
+
+Benchmarks are scripts, not tests: they print a table and write JSON; figures go to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from bar_lightning.config.schema import validate_train_config
+from bar_lightning.models.bar import BARGenerator
+from bar_lightning.models.layers import GaussianFourierEmbedding, RMSNorm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose_experiment(
+    experiment: str, overrides: list[str] | None = None, output_dir: str = "/tmp/bar_bench"
+) -> DictConfig:
+    """The validated train.py config of `experiment=<name>` plus `overrides` (no logger, no callbacks)."""
+    base = [f"experiment={experiment}", "logger=none", "callbacks=none"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=base + list(overrides or []))
+    with open_dict(cfg):
+        cfg.paths.output_dir = output_dir  # outside a Hydra run there is no runtime output directory
+    return validate_train_config(cfg)
+
+
+@torch.no_grad()
+def randomise_(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> torch.nn.Module:
+    """Give every floating parameter non-zero random values (norm weights near 1), drawn on its own device.
+
+    Fresh BAR models start with zero adaLN modulations (every block is the identity) and zero biases; timing on
+    zeros flatters matrix units and hides bugs, so benchmarks use dense random weights.
+    """
+    generators: dict[torch.device, torch.Generator] = {}
+    norm_weights = {id(sub.weight) for sub in module.modules() if isinstance(sub, RMSNorm | torch.nn.LayerNorm)}
+    for parameter in module.parameters():
+        if parameter.is_floating_point():
+            generator = generators.setdefault(parameter.device, torch.Generator(parameter.device).manual_seed(seed))
+            parameter.normal_(1.0 if id(parameter) in norm_weights else 0.0, std, generator=generator)
+    return module
+
+
+def random_generator_on(device: torch.device, **model_kwargs: Any) -> BARGenerator:
+    """A BARGenerator with random dense weights built directly on `device` (no CPU copy of large heads)."""
+    with torch.device("meta"):
+        model = BARGenerator(**model_kwargs)
+    model.to_empty(device=device)
+    model.init_non_persistent_buffers()
+    for module in model.modules():
+        if isinstance(module, GaussianFourierEmbedding):
+            module.W.normal_()  # fixed random frequencies, as at construction
+    return randomise_(model)
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_calls(call: Callable[[int], Any], *, warmup: int, timed: int) -> list[float]:
+    """Seconds of each timed call (warm-up calls excluded), synchronised before and after each call."""
+    for index in range(warmup):
+        call(index)
+    synchronize()
+    durations = []
+    for index in range(timed):
+        start = time.perf_counter()
+        call(warmup + index)
+        synchronize()
+        durations.append(time.perf_counter() - start)
+    return durations
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
+    if torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(0)
+        info.update(gpu=properties.name, gpu_memory_gib=round(properties.total_memory / 2**30, 1),
+                    cuda=torch.version.cuda, multiprocessors=properties.multi_processor_count)
+    else:
+        info["gpu"] = "none (CPU)"
+    return info
+
+
+def write_results(path: str | None, results: dict[str, Any]) -> None:
+    if not path:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    widths = [max(len(column), *(len(format_cell(row.get(column))) for row in rows)) for column in columns]
+    print(" | ".join(column.ljust(width) for column, width in zip(columns, widths)))
+    print("-+-".join("-" * width for width in widths))
+    for row in rows:
+        print(" | ".join(format_cell(row.get(column)).ljust(width) for column, width in zip(columns, widths)))
+
+
+def format_cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)

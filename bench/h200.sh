@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The H200 benchmark session, one device call per part; JSON and logs under $OUT.
+#   bash bench/h200.sh sampling | training | diagnose
+# Needs the wheels of ../shared/tools/device-wheels.sh in .whl (Hydra, webdataset, torch-fidelity).
+set -uo pipefail
+OUT=${OUT:-/tmp/bench_out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 BAR_PROGRESS=0 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
+quiet() { grep -v -i -e warn -e "^ *return F" -e "^ *warnings" ; }
+case "${1:-sampling}" in
+  sampling)
+    python3 -m pytest -q -p no:cacheprovider tests/test_gpu_sampling.py 2>&1 | tail -8 | tee "$OUT/gpu_tests.log"
+    cd bench
+    python3 sampling.py --experiment bar_b --variants graph+compile,graph+compile+bf16 --out "$OUT/sampling_bar_b.json" 2>&1 | quiet | tail -5
+    for e in bar_b_patch2 bar_b_patch4; do
+      python3 sampling.py --experiment $e --variants graph+compile,graph+compile+bf16 --out "$OUT/sampling_$e.json" 2>&1 | quiet | tail -4
+    done
+    ;;
+  training)
+    cd bench
+    python3 training.py --experiments bar_b --variants compile,eager,ddp,fsdp --out "$OUT/training_bar_b.json" 2>&1 | quiet | tail -7
+    python3 training.py --experiments bar_b_patch4 --variants compile --out "$OUT/training_bar_b_patch4.json" 2>&1 | quiet | tail -4
+    python3 head_memory.py --out "$OUT/head_memory.json" 2>&1 | quiet | tail -15
+    ;;
+  diagnose)
+    cd bench && python3 decode_kernels.py --profile --out "$OUT/decode_kernels.json" 2>&1 | quiet
+    ;;
+esac

@@ -1,0 +1,129 @@
+"""Training speed of a named experiment on this GPU: images/s, peak memory and MFU of the real train.py step.
+
+    python bench/training.py --experiment bar_b --batch 128 --variants eager,compile --out results.json
+
+Each variant builds the LightningModule and the Trainer exactly as train.py does (bf16 autocast, AdamW (fused on
+CUDA), gradient clipping 1.0, random generation orders, class dropout) on synthetic tokens, runs `--warmup` steps
+(compilation included) and then `--timed` steps; a callback synchronises and times every optimiser step; the
+median is reported. Peak memory is torch's max allocated (the caching allocator reserves a little more).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from common import compose_experiment, machine, median, print_table, randomise_, synchronize, write_results
+
+from bar_lightning.run import build_generator_job, build_trainer
+
+VARIANTS = {
+    "eager": ["training.compile=false"],
+    "compile": ["training.compile=true"],
+    "compile+checkpoint": ["training.compile=true", "model.use_checkpoint=true"],
+    # The distributed strategies on one GPU (one process): the code paths of trainer=ddp / trainer=fsdp.
+    "ddp": ["trainer=ddp", "trainer.devices=1", "training.compile=false"],
+    "fsdp": ["trainer=fsdp", "trainer.devices=1", "training.compile=false"],
+}
+
+
+class StepTimer(L.Callback):
+    def __init__(self) -> None:
+        self.durations: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        synchronize()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        synchronize()
+        self.durations.append(time.perf_counter() - self._start)
+
+
+def training_flops_per_sample(model: Any) -> float:
+    """Matmul + attention FLOPs of forward and backward (3x forward) for one training sample."""
+    positions = model.prefix_len + model.num_steps
+    backbone = 2 * positions * sum(p.numel() for b in model.blocks for p in b.parameters() if p.ndim == 2)
+    attention = len(model.blocks) * 2 * 2 * positions * positions / 2 * model.hidden_size  # causal: half the pairs
+    head = 2 * model.num_steps * sum(
+        p.numel() for name, p in model.lm_head.named_parameters() if p.ndim == 2 and "input_embed" not in name
+    )
+    projections = 2 * positions * (model.input_merge.weight.numel() + model.latent_condition_proj.weight.numel())
+    return 3.0 * (backbone + attention + head + projections)
+
+
+def run_variant(experiment: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
+    trainer_choice = [] if any(o.startswith("trainer=") for o in VARIANTS[name]) else [
+        "trainer=gpu" if torch.cuda.is_available() else "trainer=cpu"]
+    overrides = [
+        *trainer_choice, "data=synthetic_tokens", f"data.batch_size={args.batch}", f"data.num_workers={args.workers}",
+        "data.pin_memory=true", "data.synthetic_num_samples=4096", f"trainer.max_steps={args.warmup + args.timed}",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=50",
+        *VARIANTS[name], *args.override,
+    ]
+    cfg = compose_experiment(experiment, overrides, output_dir=f"/tmp/bar_bench/{experiment}_{name}")
+    module, datamodule = build_generator_job(cfg)
+    randomise_(module.generator)
+    timer = StepTimer()
+    trainer = build_trainer(cfg, enable_checkpointing=False)
+    trainer.callbacks.append(timer)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    wall = time.perf_counter() - start
+    timed = timer.durations[args.warmup:]
+    step = median(timed)
+    flops = training_flops_per_sample(module.generator)
+    row = {
+        "experiment": experiment, "variant": name, "batch": args.batch, "median_step_s": step,
+        "images_per_s": args.batch / step,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "tflops": flops * args.batch / step / 1e12, "first_steps_s": sum(timer.durations[: args.warmup]),
+        "wall_s": wall, "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+    }
+    row["mfu_vs_measured_bf16"] = row["tflops"] / args.peak_tflops
+    del module, datamodule, trainer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiments", default="bar_b")
+    parser.add_argument("--variants", default="eager,compile")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--timed", type=int, default=12)
+    parser.add_argument("--workers", type=int, default=6)
+    parser.add_argument("--peak-tflops", dest="peak_tflops", type=float, default=790.0,
+                        help="dense bf16 matmul rate measured on this GPU (H200 here: ~790)")
+    parser.add_argument("--override", action="append", default=[])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_float32_matmul_precision("high")
+    results: dict[str, Any] = {"machine": machine(), "rows": []}
+    for experiment in args.experiments.split(","):
+        for name in args.variants.split(","):
+            try:
+                row = run_variant(experiment, name, args)
+            except Exception as error:  # report and go on with the other variants
+                row = {"experiment": experiment, "variant": name, "error": f"{type(error).__name__}: {error}"[:500]}
+                gc.collect()
+            print(row, flush=True)
+            results["rows"].append(row)
+            write_results(args.out, results)
+    print(f"\ntraining, {results['machine'].get('gpu')}, torch {torch.__version__}, bf16-mixed, AdamW, clip 1.0")
+    print_table(results["rows"], ["experiment", "variant", "batch", "images_per_s", "median_step_s",
+                                  "peak_memory_gib", "tflops", "mfu_vs_measured_bf16", "first_steps_s", "error"])
+
+
+if __name__ == "__main__":
+    main()
