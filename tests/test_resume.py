@@ -125,7 +125,6 @@ def tokenizer_runs(tmp_path_factory):
     return run_kill_and_resume(tmp_path_factory.mktemp("tokenizer"), overrides, kill_step=17, signal_name="SIGUSR1")
 
 
-@pytest.mark.slow
 def test_generator_killed_with_sigterm_resumes_bit_exactly(generator_runs):
     assert generator_runs["preempted"]["global_step"] == 21
     assert generator_runs["resumed"]["global_step"] == 28
@@ -137,7 +136,6 @@ def test_generator_killed_with_sigterm_resumes_bit_exactly(generator_runs):
     assert [step for step, _ in generator_runs["reference_keys"]] == list(range(28))
 
 
-@pytest.mark.slow
 def test_generator_resume_comparison_detects_a_difference(generator_runs):
     """Negative control: training changes the weights, and the comparison above would see it."""
     preempted, resumed = generator_runs["preempted"]["state_dict"], generator_runs["resumed"]["state_dict"]
@@ -147,7 +145,6 @@ def test_generator_resume_comparison_detects_a_difference(generator_runs):
         assert_same_training_state(generator_runs["reference"], generator_runs["preempted"])
 
 
-@pytest.mark.slow
 def test_tokenizer_killed_after_discriminator_start_resumes_bit_exactly(tokenizer_runs):
     reference, resumed = tokenizer_runs["reference"], tokenizer_runs["resumed"]
     assert tokenizer_runs["preempted"]["global_step"] == 17
@@ -170,7 +167,6 @@ def write_stub_scontrol(folder: Path) -> Path:
     return record
 
 
-@pytest.mark.slow
 def test_preempted_slurm_job_requeues_and_resumes_in_the_same_run_directory(tmp_path):
     calls = write_stub_scontrol(tmp_path / "bin")
     slurm = {**ENVIRONMENT, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4242",

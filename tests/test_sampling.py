@@ -123,7 +123,7 @@ def test_bad_labels_and_bits_are_rejected():
         model.generate(torch.tensor([5]), tokens_allocation=[4])
     with pytest.raises(ValueError, match=r"shape \[B, 64\]"):
         model.check_bits(torch.zeros(2, 63, dtype=torch.long))
-    with pytest.raises(ValueError, match="must be 0 or 1"):
+    with pytest.raises(ValueError, match="bits must be 0 or 1; found 2"):
         model.check_bits(torch.full((2, 64), 2))
 
 
