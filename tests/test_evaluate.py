@@ -80,6 +80,16 @@ def test_source_must_be_exactly_one(tmp_path):
         validate_evaluate_config(compose_evaluate([], tmp_path))
 
 
+def test_sampling_speed_settings_are_overridable_and_checked(tmp_path):
+    source = ["generator.checkpoint=/some/run.ckpt"]
+    cfg = validate_evaluate_config(compose_evaluate(
+        [*source, "sampling=bar_b_patch4", "sampling.precision=bf16", "sampling.cuda_graph=false"], tmp_path))
+    assert (cfg.sampling.precision, cfg.sampling.cuda_graph, cfg.sampling.compile) == ("bf16", False, True)
+    assert cfg.sampling.guidance_scale == 9.6  # the group still supplies the method's settings
+    with pytest.raises(ConfigError, match=r"sampling.precision='fp16' is unknown; use one of \['fp32', 'bf16'\]"):
+        validate_evaluate_config(compose_evaluate([*source, "sampling.precision=fp16"], tmp_path))
+
+
 def test_missing_weight_file_is_named(upstream_a1, tmp_path):
     config_path, _, _ = upstream_a1
     cfg = validate_evaluate_config(compose_evaluate(
