@@ -246,3 +246,21 @@ def test_fused_decode_attention_equals_sdpa_on_a_cache_slice():
     k, v = cache[0, :, :, :7], cache[1, :, :, :7]
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(fused_decode_attention(q, k, v), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_decode_is_idempotent_and_switchable():
+    model = tiny_generator()
+    model.compile_decode()
+    first = model_decode_functions(model)
+    model.compile_decode()
+    assert model_decode_functions(model) is first  # same compiled functions: captured graphs stay valid
+    model.compile_decode(align_head=False)
+    assert model_decode_functions(model) is not first and not model_decode_functions(model).align_head
+    model.compile_decode(False)
+    assert model_decode_functions(model) is None
+
+
+def model_decode_functions(model):
+    from bar_lightning.models.bar import _DECODE_FUNCTIONS
+
+    return _DECODE_FUNCTIONS.get(model)

@@ -463,6 +463,9 @@ class BARGenerator(nn.Module):
             if _DECODE_FUNCTIONS.pop(self, None) is not None:
                 drop_captured_generations(self)
             return
+        current = _DECODE_FUNCTIONS.get(self)
+        if current is not None and (current.fp32_attention is not None, current.align_head) == (fused_attention, align_head):
+            return  # already compiled with these options: keep the compiled functions and the captured graphs
         compiled_head = None
         if isinstance(self.lm_head, MaskBitModelingHead):
             compiled_head = torch.compile(self.lm_head.logits, dynamic=False)
