@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from bar_lightning.config.schema import validate_train_config
+from bar_lightning.lightning.callbacks import GlobalBatchMonitor
 from bar_lightning.lightning.checkpointing import (
     LAST_CHECKPOINT_NAME,
     AtomicCheckpointIO,
@@ -26,6 +27,7 @@ from bar_lightning.lightning.generator_module import GeneratorModule
 from bar_lightning.lightning.image_datamodule import ImageDataModule, SyntheticImageDataModule
 from bar_lightning.lightning.preemption import DEFAULT_PREEMPTION_EXIT_CODE, Preempted, PreemptionCheckpoint
 from bar_lightning.lightning.random_state import RandomStateCheckpoint
+from bar_lightning.lightning.strategies import strategy_for_task
 from bar_lightning.lightning.token_datamodule import TokenDataModule
 from bar_lightning.lightning.tokenizer_module import TokenizerModule
 
@@ -48,13 +50,15 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
     """The Trainer of `cfg`, with the reliability pieces every run gets.
 
     Checkpoints are written atomically and read without running code (`AtomicCheckpointIO`), carry the global
-    random states (`RandomStateCheckpoint`), `last.ckpt` holds the final step when training ends
-    (`FinalCheckpoint`), and a preemption signal saves `last.ckpt` at the next step boundary
+    random states of every rank (`RandomStateCheckpoint`, which also gives each rank its own streams), `last.ckpt`
+    holds the final step when training ends (`FinalCheckpoint`), the effective global batch and the sample
+    throughput are logged (`GlobalBatchMonitor`), and a preemption signal saves `last.ckpt` at the next step boundary
     (`PreemptionCheckpoint`, last in the list so every other callback has finished the step).
     """
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if isinstance(trainer_kwargs.get("strategy"), dict):
         trainer_kwargs["strategy"] = hydra.utils.instantiate(cfg.trainer.strategy)
+    trainer_kwargs["strategy"] = strategy_for_task(trainer_kwargs.get("strategy", "auto"), cfg.task)
     trainer_kwargs.update(overrides)
     callbacks = _instantiate_all(cfg.callbacks)
     if not trainer_kwargs.get("enable_progress_bar", True):
@@ -62,7 +66,8 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
         from lightning.pytorch.callbacks import ProgressBar
 
         callbacks = [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
-    callbacks.append(RandomStateCheckpoint())
+    callbacks.append(RandomStateCheckpoint(seed=cfg.seed))
+    callbacks.append(GlobalBatchMonitor(per_process_batch_size=cfg.data.batch_size))
     plugins: list[Any] = [AtomicCheckpointIO()]
     if trainer_kwargs.get("enable_checkpointing", True) and not trainer_kwargs.get("fast_dev_run"):
         callbacks.append(FinalCheckpoint(checkpoint_folder(cfg) / LAST_CHECKPOINT_NAME))
@@ -170,7 +175,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         module, datamodule = build_generator_job(cfg)
     trainer = build_trainer(cfg)
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, Path(cfg.paths.output_dir) / "config.yaml")
+    # Every process of a multi-process run composes the same config into the same run directory; one writes it.
+    # (The rank is known here: from LOCAL_RANK in the processes Lightning starts, from SLURM or torchrun otherwise.)
+    if trainer.is_global_zero:
+        OmegaConf.save(cfg, Path(cfg.paths.output_dir) / "config.yaml")
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException as error:

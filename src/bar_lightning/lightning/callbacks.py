@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torchvision
+
+log = logging.getLogger(__name__)
 
 
 class GeneratorPreview(L.Callback):
@@ -63,3 +67,52 @@ class BatchKeyLog(L.Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as file:
             file.write(json.dumps({"step": trainer.global_step, "keys": list(batch["key"])}) + "\n")
+
+
+class GlobalBatchMonitor(L.Callback):
+    """The effective global batch, logged once when training starts, and the global sample throughput.
+
+    The global batch is `per_process_batch_size x world_size x accumulate_grad_batches`: the samples behind one
+    optimiser step. It is logged as hyper-parameters (`global_batch_size`, `world_size`, `per_process_batch_size`,
+    `accumulate_grad_batches`) and in the log. Every `log_every_n_steps` optimiser steps, `train/samples_seen`
+    (global_step x global batch) and `train/samples_per_second` (global samples per second of rank 0's wall clock
+    since the previous log; ranks step in lockstep under DDP) are logged. The learning-rate schedule counts
+    optimiser steps, so it does not depend on the world size; only the samples per step do.
+    """
+
+    def __init__(self, per_process_batch_size: int) -> None:
+        if per_process_batch_size <= 0:
+            raise ValueError(f"per_process_batch_size={per_process_batch_size} must be positive")
+        self.per_process_batch_size = per_process_batch_size
+        self.global_batch_size = per_process_batch_size
+        self._last_step = 0
+        self._last_time = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.global_batch_size = self.per_process_batch_size * trainer.world_size * trainer.accumulate_grad_batches
+        scale = {
+            "global_batch_size": self.global_batch_size,
+            "per_process_batch_size": self.per_process_batch_size,
+            "world_size": trainer.world_size,
+            "num_nodes": trainer.num_nodes,
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+        }
+        if trainer.is_global_zero:
+            log.info(
+                "global batch %d = data.batch_size %d x %d processes x trainer.accumulate_grad_batches %d",
+                self.global_batch_size, self.per_process_batch_size, trainer.world_size,
+                trainer.accumulate_grad_batches,
+            )
+        for logger in trainer.loggers:  # loggers write on global rank 0 only
+            logger.log_hyperparams(scale)
+        self._last_step, self._last_time = trainer.global_step, time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step == self._last_step or step % max(1, trainer.log_every_n_steps):
+            return
+        now = time.perf_counter()
+        samples = (step - self._last_step) * self.global_batch_size
+        pl_module.log("train/samples_seen", float(step * self.global_batch_size), rank_zero_only=True)
+        pl_module.log("train/samples_per_second", samples / max(now - self._last_time, 1e-9), rank_zero_only=True)
+        self._last_step, self._last_time = step, now
