@@ -210,3 +210,34 @@ def test_random_state_checkpoint_restores_this_ranks_streams_and_reads_the_singl
     reseeded = torch.rand(4)
     seed_global_streams(rank_seed(3, 0, 7))
     assert torch.equal(reseeded, torch.rand(4)) and not torch.equal(reseeded, expected)
+
+
+def test_evaluation_sharded_over_two_processes_gives_the_samples_of_one(tmp_path):
+    """`torchrun --nproc_per_node 2 evaluate.py` (gloo on CPU): the merged samples equal a single process's, sample
+    for sample (batch_size=1, so every sample's random stream is seeded by its own index)."""
+    meta = json.loads((ROOT / "tests" / "fixtures" / "upstream" / "generator_A1.json").read_text())
+    config_path = tmp_path / "a1.yaml"
+    config_path.write_text(yaml.safe_dump(meta["config"]))
+    overrides = [f"generator.upstream_weights={ROOT / 'tests' / 'fixtures' / 'upstream' / 'generator_A1.weights.safetensors'}",
+                 f"generator.upstream_config={config_path}", "sampling=tiny", "sampling.temperature=1.0",
+                 "num_samples_per_class=3", "batch_size=1", "device=cpu", "save.npz=false", "metrics.names=[]"]
+    environment = {**ENVIRONMENT, "BAR_PROGRESS": "0"}
+    single = subprocess.Popen(
+        [sys.executable, str(ROOT / "evaluate.py"), *overrides, f"hydra.run.dir={tmp_path / 'single'}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment,
+    )
+    sharded = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "evaluate.py"), *overrides, f"hydra.run.dir={tmp_path / 'sharded'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=environment,
+    )
+    single_output, _ = single.communicate(timeout=300)
+    assert single.returncode == 0, single_output[-3000:]
+    assert sharded.returncode == 0, (sharded.stdout + sharded.stderr)[-3000:]
+    one = np.load(tmp_path / "single" / "samples_bits.npz", allow_pickle=False)
+    two = np.load(tmp_path / "sharded" / "samples_bits.npz", allow_pickle=False)
+    assert np.bincount(two["labels"]).tolist() == [3] * 10
+    assert np.array_equal(one["labels"], two["labels"]) and np.array_equal(one["bits"], two["bits"])
+    assert not list((tmp_path / "sharded").glob(".part_rank*"))
+    # Two processes shared the work: rank 1 sampled the odd indices, which the merged file holds.
+    assert "rank 1 of 2 processes: sampling 15 of 30 samples" in sharded.stdout + sharded.stderr

@@ -242,6 +242,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
 
     labels = balanced_labels(classes, cfg.num_samples_per_class)
     indices = shard_indices(len(labels), rank, world_size)
+    log.info("rank %d of %d processes: sampling %d of %d samples", rank, world_size, len(indices), len(labels))
     bits, images = generate_shard(generator, tokenizer, labels, indices, sampling=cfg.sampling,
                                   allocation=allocation, batch_size=cfg.batch_size, seed=cfg.seed, device=device)
     part = {"indices": np.asarray(indices, dtype=np.int64), "bits": bits}
