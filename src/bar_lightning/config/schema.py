@@ -113,7 +113,7 @@ class PreemptionConfig:
     """
 
     enabled: bool = True
-    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
     exit_code: int = 75  # sysexits.h EX_TEMPFAIL: "temporary failure, try again"
     requeue: bool = True
 

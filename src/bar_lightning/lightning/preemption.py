@@ -24,8 +24,9 @@ import lightning as L
 
 log = logging.getLogger(__name__)
 
-# The signals a run can treat as "save and stop": SLURM sends SIGTERM at the time limit and on preemption, and
-# `#SBATCH --signal=USR1@<seconds>` sends SIGUSR1 ahead of the limit.
+# The signals a run can treat as "save and stop": SLURM sends SIGTERM at the time limit and on preemption,
+# `#SBATCH --signal=USR1@<seconds>` sends SIGUSR1 ahead of the limit, and the submitit launcher
+# (hydra/launcher=slurm) asks for SIGUSR2 ahead of it.
 PREEMPTION_SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGUSR1": signal.SIGUSR1, "SIGUSR2": signal.SIGUSR2,
                       "SIGINT": signal.SIGINT}
 # sysexits.h EX_TEMPFAIL, "temporary failure, try again": distinct from 0 (done) and 1 (an error).
@@ -75,7 +76,7 @@ class PreemptionCheckpoint(L.Callback):
     def __init__(
         self,
         checkpoint_path: str | os.PathLike,
-        signals: list[str] | tuple[str, ...] = ("SIGTERM", "SIGUSR1"),
+        signals: list[str] | tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGUSR2"),
         exit_code: int = DEFAULT_PREEMPTION_EXIT_CODE,
         requeue: bool = True,
     ) -> None:
