@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H200 benchmark session, one device call per part; JSON and logs under $OUT.
-#   bash bench/h200.sh sampling | training | diagnose
+#   bash bench/h200.sh sampling | training | memory | diagnose
 # Needs the wheels of ../shared/tools/device-wheels.sh in .whl (Hydra, webdataset, torch-fidelity).
 set -uo pipefail
 OUT=${OUT:-/tmp/bench_out}
@@ -22,8 +22,16 @@ case "${1:-sampling}" in
   training)
     cd bench
     python3 training.py --experiments bar_b --variants compile,eager,ddp,fsdp --out "$OUT/training_bar_b.json" 2>&1 | quiet | tail -7
-    python3 training.py --experiments bar_b_patch4 --variants compile --out "$OUT/training_bar_b_patch4.json" 2>&1 | quiet | tail -4
-    python3 head_memory.py --out "$OUT/head_memory.json" 2>&1 | quiet | tail -15
+    python3 training.py --experiments bar_b_patch4 --variants compile,eager --out "$OUT/training_bar_b_patch4.json" 2>&1 | quiet | tail -5
+    cd ..
+    # Issue 7: the FSDP path of train.py itself on one GPU (one process), full-size BAR-B, synthetic tokens.
+    python3 train.py experiment=bar_b trainer=fsdp trainer.devices=1 data=synthetic_tokens data.num_workers=4 \
+      trainer.max_steps=30 trainer.log_every_n_steps=10 trainer.enable_progress_bar=false logger=csv \
+      hydra.run.dir=/tmp/fsdp_run 2>&1 | quiet | tail -5
+    cp /tmp/fsdp_run/*/metrics.csv "$OUT/fsdp_metrics.csv" 2>/dev/null || find /tmp/fsdp_run -name metrics.csv -exec cp {} "$OUT/fsdp_metrics.csv" \;
+    ;;
+  memory)
+    cd bench && python3 head_memory.py --out "$OUT/head_memory.json" 2>&1 | quiet | tail -15
     ;;
   diagnose)
     cd bench && python3 decode_kernels.py --profile --out "$OUT/decode_kernels.json" 2>&1 | quiet
