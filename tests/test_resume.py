@@ -187,3 +187,30 @@ def test_preempted_slurm_job_requeues_and_resumes_in_the_same_run_directory(tmp_
     assert f"Resuming from {run_dir / 'checkpoints' / 'last.ckpt'}" in second_output
     assert load(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 8
     assert calls.read_text().split() == ["requeue", "4242"]  # the finished run did not requeue again
+
+
+def test_two_process_run_preempted_on_one_rank_resumes_bit_exactly(tmp_path):
+    # DDP over gloo: the signal reaches rank 0 only; the ranks agree at the next step boundary, save one checkpoint
+    # (holding both ranks' random streams), exit with the preemption code, and the identical command resumes it.
+    overrides = ["experiment=tiny_generator", "trainer=ddp_cpu", "trainer.max_steps=12", "trainer.deterministic=true",
+                 "data.batch_size=16", "callbacks.model_checkpoint.every_n_train_steps=4", "logger=csv"]
+    reference_dir, interrupted_dir = tmp_path / "reference", tmp_path / "interrupted"
+    interrupted = train_command(interrupted_dir, *overrides, DRILL, "+callbacks.drill.step=7",
+                                "+callbacks.drill.signal=SIGTERM", "+callbacks.drill.rank=0")
+    reference = start(train_command(reference_dir, *overrides))
+    first_code, first_output = finish(start(interrupted))
+    assert first_code == DEFAULT_PREEMPTION_EXIT_CODE, first_output[-3000:]
+    preempted = load(interrupted_dir / "checkpoints" / "last.ckpt")
+    assert preempted["global_step"] == 7
+    assert len(preempted["callbacks"]["RandomStateCheckpoint"]["ranks"]) == 2
+    second_code, second_output = finish(start(interrupted))
+    assert second_code == 0, second_output[-3000:]
+    reference_code, reference_output = finish(reference)
+    assert reference_code == 0, reference_output[-3000:]
+    assert_same_training_state(load(reference_dir / "checkpoints" / "last.ckpt"),
+                               load(interrupted_dir / "checkpoints" / "last.ckpt"))
+    for rank in range(2):  # each rank saw the same data before plus after the kill as without it
+        name = f"keys.rank{rank}.jsonl"
+        reference_lines = (reference_dir / name).read_text().splitlines()
+        assert len(reference_lines) == 12
+        assert (interrupted_dir / name).read_text().splitlines() == reference_lines
