@@ -38,8 +38,9 @@ def fixture(request):
     return meta, io, model.cuda().eval()
 
 
-def sample(model, labels, meta, run, *, fast: bool, temperature: float = 0.0, seed: int = 0, precision="fp32"):
-    model.compile_decode(fast)
+def sample(model, labels, meta, run, *, fast: bool, temperature: float = 0.0, seed: int = 0, precision="fp32",
+           values_length_major: bool = False):
+    model.compile_decode(fast, values_length_major=values_length_major)
     rng = torch.Generator(device="cuda").manual_seed(seed)
     bits = model.generate(
         labels.cuda(), guidance_scale=float(meta["generate"][run]["guidance_scale"]), temperature=temperature,
@@ -58,6 +59,13 @@ def test_fast_path_reproduces_the_fixture_bits(fixture, run):
     assert torch.equal(eager.cpu(), io[f"gen.{run}.bits"])
     assert torch.equal(fast, eager)
     assert torch.equal(again, eager)
+
+
+def test_length_major_value_cache_reproduces_the_fixture_bits(fixture):
+    meta, io, model = fixture
+    labels = io["gen.g3.class_labels"]
+    fast, _ = sample(model, labels, meta, "g3", fast=True, values_length_major=True)
+    assert torch.equal(fast.cpu(), io["gen.g3.bits"])
 
 
 def test_fast_path_draws_the_same_random_numbers_as_the_eager_loop(fixture):

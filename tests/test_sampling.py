@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bar_lightning.models.bar import NULL_LABEL, BARGenerator, SamplingSettings, fused_decode_attention
+from bar_lightning.models.bar import (
+    NULL_LABEL,
+    BARGenerator,
+    SamplingSettings,
+    StaticKVCache,
+    fused_decode_attention,
+)
 from bar_lightning.models.layers import SwiGLU
 from bar_lightning.models.linear_head import LinearSoftmaxHead
 from bar_lightning.models.mbm_head import MASK_ID, MaskBitModelingHead, validate_tokens_allocation
@@ -264,3 +270,18 @@ def model_decode_functions(model):
     from bar_lightning.models.bar import _DECODE_FUNCTIONS
 
     return _DECODE_FUNCTIONS.get(model)
+
+
+def test_length_major_value_cache_returns_the_same_views_and_attention():
+    caches = [StaticKVCache(num_layers=2, batch=3, num_heads=2, max_len=9, head_dim=8, dtype=torch.float32,
+                            device=torch.device("cpu"), values_length_major=major) for major in (False, True)]
+    q = torch.randn(3, 2, 1, 8)
+    for length in (4, 1, 1):  # a prefix, then two decode steps
+        keys, values = torch.randn(3, 2, length, 8), torch.randn(3, 2, length, 8)
+        (k0, v0), (k1, v1) = (cache.write(1, keys, values) for cache in caches)
+        for cache in caches:
+            cache.advance(length)
+        assert torch.equal(k0, k1) and torch.equal(v0, v1)
+        assert v1.stride(-2) == 1  # the cache length is the contiguous dimension of the length-major values
+        torch.testing.assert_close(fused_decode_attention(q, k1, v1),
+                                   torch.nn.functional.scaled_dot_product_attention(q, k0, v0), rtol=1e-5, atol=1e-6)

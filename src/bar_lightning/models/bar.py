@@ -48,13 +48,21 @@ class RotaryRows(NamedTuple):
 
 
 class StaticKVCache:
-    """Preallocated keys/values for every layer: `[layers, B, H, max_len, hd]`, filled left to right."""
+    """Preallocated keys/values for every layer, filled left to right; `write` returns `[B, H, length, hd]` views.
+
+    `values_length_major=True` stores the values as `[layers, B, H, hd, max_len]` (the returned views are transposes
+    with the length dimension contiguous), so that a single-query attention written as a sum over the cache length
+    reduces over contiguous memory (`fused_decode_attention`). SDPA still accepts these views, through its general
+    kernel.
+    """
 
     def __init__(self, *, num_layers: int, batch: int, num_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, values_length_major: bool = False) -> None:
         shape = (num_layers, batch, num_heads, max_len, head_dim)
         self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
+        self.values_length_major = values_length_major
+        value_shape = (num_layers, batch, num_heads, head_dim, max_len) if values_length_major else shape
+        self.values = torch.empty(value_shape, dtype=dtype, device=device)
         self.length = 0  # positions already written (shared by all layers)
         self.max_len = max_len
 
@@ -64,6 +72,9 @@ class StaticKVCache:
         if end > self.max_len:
             raise RuntimeError(f"KV cache overflow: {end} positions > capacity {self.max_len}")
         self.keys[layer, :, :, self.length : end] = keys
+        if self.values_length_major:
+            self.values[layer, :, :, :, self.length : end] = values.transpose(-1, -2)
+            return self.keys[layer, :, :, :end], self.values[layer, :, :, :, :end].transpose(-1, -2)
         self.values[layer, :, :, self.length : end] = values
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
@@ -446,7 +457,10 @@ class BARGenerator(nn.Module):
             return 1.0
         return 1.0 + (guidance_scale - 1.0) * (step / num_steps)
 
-    def compile_decode(self, enabled: bool = True, *, fused_attention: bool = True, align_head: bool = True) -> None:
+    def compile_decode(
+        self, enabled: bool = True, *, fused_attention: bool = True, align_head: bool = True,
+        values_length_major: bool = False,
+    ) -> None:
         """Compile the per-step work of `generate` (both halves of every block and the MBM head) with torch.compile.
 
         Only the shapes of one decode step are compiled (static, one compilation serves all blocks). This fuses the
@@ -458,13 +472,18 @@ class BARGenerator(nn.Module):
                 the bandwidth floor on an H200); compiled with a dynamic cache length. bf16 keeps SDPA (cuDNN).
             align_head: run the MBM head's MLPs (odd hidden width 5461) on zero-padded aligned weight copies made
                 once per batch (see `SwiGLU.aligned_weights`).
+            values_length_major: with `fused_attention`, store the cached values length-major so that both of its
+                reductions read contiguous memory (see `StaticKVCache`). Off until measured on a GPU
+                (docs/benchmarks.md; `bench/sampling.py --variants graph+compile+values_length_major`).
         """
         if not enabled:
             if _DECODE_FUNCTIONS.pop(self, None) is not None:
                 drop_captured_generations(self)
             return
         current = _DECODE_FUNCTIONS.get(self)
-        if current is not None and (current.fp32_attention is not None, current.align_head) == (fused_attention, align_head):
+        options = (fused_attention, align_head, values_length_major and fused_attention)
+        if current is not None and (current.fp32_attention is not None, current.align_head,
+                                    current.values_length_major) == options:
             return  # already compiled with these options: keep the compiled functions and the captured graphs
         compiled_head = None
         if isinstance(self.lm_head, MaskBitModelingHead):
@@ -475,6 +494,7 @@ class BARGenerator(nn.Module):
             head_logits=compiled_head,
             fp32_attention=torch.compile(fused_decode_attention, dynamic=True) if fused_attention else None,
             align_head=align_head,
+            values_length_major=values_length_major and fused_attention,
         )
         drop_captured_generations(self)
 
@@ -573,9 +593,13 @@ class BARGenerator(nn.Module):
         class_embed = self.embeddings(class_rows)  # [rows, D]
         targets = torch.cat([orders[:, 1:], orders[:, -1:]], dim=1)
         cache_dtype = torch.bfloat16 if settings.precision == "bf16" else self.pos_embed.dtype
+        attention = F.scaled_dot_product_attention
+        if decode.fp32_attention is not None and settings.precision == "fp32" and device.type == "cuda":
+            attention = decode.fp32_attention
         cache = StaticKVCache(
             num_layers=len(self.blocks), batch=rows, num_heads=self.num_heads, max_len=prefix + steps - 1,
             head_dim=self.hidden_size // self.num_heads, dtype=cache_dtype, device=device,
+            values_length_major=decode.values_length_major and attention is decode.fp32_attention,
         )
 
         x, condition, own_rows, target_rows = self.prefix(class_rows, orders[:, 0])
@@ -587,9 +611,6 @@ class BARGenerator(nn.Module):
             aligned = self.lm_head.aligned_mlp_weights()  # once per batch, so it follows the current weights
             if aligned is not None:
                 head_logits = partial(head_logits or self.lm_head.logits, aligned_mlps=aligned)
-        attention = F.scaled_dot_product_attention
-        if decode.fp32_attention is not None and settings.precision == "fp32" and device.type == "cuda":
-            attention = decode.fp32_attention
 
         generated = torch.empty(batch, steps, self.bits_per_step, dtype=torch.long, device=device)
         for step in range(steps):
@@ -657,6 +678,7 @@ class DecodeFunctions(NamedTuple):
     head_logits: Callable[..., torch.Tensor] | None  # None: the head's own `logits`
     fp32_attention: Callable[..., torch.Tensor] | None  # None: SDPA
     align_head: bool
+    values_length_major: bool  # cache layout for fp32_attention (see StaticKVCache)
 
 
 def fused_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -671,7 +693,7 @@ def fused_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
 
 EAGER_DECODE = DecodeFunctions(
     attention_inputs=Block.attention_inputs, finish=Block.finish, head_logits=None, fp32_attention=None,
-    align_head=False,
+    align_head=False, values_length_major=False,
 )
 # Per-model state that must not travel with deepcopy/pickle/state_dict: compiled functions and captured graphs.
 _DECODE_FUNCTIONS: weakref.WeakKeyDictionary[BARGenerator, DecodeFunctions] = weakref.WeakKeyDictionary()
