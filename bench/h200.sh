@@ -14,7 +14,7 @@ case "${1:-sampling}" in
   sampling)
     python3 -m pytest -q -p no:cacheprovider tests/test_gpu_sampling.py 2>&1 | tail -8 | tee "$OUT/gpu_tests.log"
     cd bench
-    python3 sampling.py --experiment bar_b --variants graph+compile,graph+compile+bf16 --out "$OUT/sampling_bar_b.json" 2>&1 | quiet | tail -5
+    python3 sampling.py --experiment bar_b --variants graph+compile,graph+compile+values_length_major,graph+compile+bf16 --decoder --profile --out "$OUT/sampling_bar_b.json" 2>&1 | quiet | tail -7
     for e in bar_b_patch2 bar_b_patch4; do
       python3 sampling.py --experiment $e --variants graph+compile,graph+compile+bf16 --out "$OUT/sampling_$e.json" 2>&1 | quiet | tail -4
     done
