@@ -609,6 +609,9 @@ class BARGenerator(nn.Module):
         head_logits = decode.head_logits
         if decode.align_head and isinstance(self.lm_head, MaskBitModelingHead):
             aligned = self.lm_head.aligned_mlp_weights()  # once per batch, so it follows the current weights
+            if aligned is not None and settings.precision == "bf16":
+                # Autocast would re-cast these non-parameter copies at every call; cast them once (same values).
+                aligned = [type(weights)(*(t.to(torch.bfloat16) for t in weights)) for weights in aligned]
             if aligned is not None:
                 head_logits = partial(head_logits or self.lm_head.logits, aligned_mlps=aligned)
 
