@@ -6,8 +6,6 @@ Benchmarks are scripts, not tests: they print a table and write JSON; figures go
 from __future__ import annotations
 
 import datetime
-import json
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -19,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from bar_lightning.config.schema import validate_train_config
+from bar_lightning.io import atomic_write_json
 from bar_lightning.models.bar import BARGenerator
 from bar_lightning.models.layers import GaussianFourierEmbedding, RMSNorm
 
@@ -107,10 +106,7 @@ def machine() -> dict[str, Any]:
 def write_results(path: str | None, results: dict[str, Any]) -> None:
     if not path:
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write_json(path, results, indent=2, default=str)
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from bar_lightning.io import atomic_write_json
+
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                        "t10k-labels-idx1-ubyte"]
@@ -220,9 +222,7 @@ class Demo:
             "stage_seconds": self.stage_seconds,
             "total_seconds": round(time.perf_counter() - start, 1),
         }
-        tmp = self.out / ".metrics.json.tmp"
-        tmp.write_text(json.dumps(metrics, indent=2))
-        os.replace(tmp, self.out / "metrics.json")
+        atomic_write_json(self.out / "metrics.json", metrics, indent=2)
         print(json.dumps(metrics, indent=2))
         return metrics
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -37,6 +38,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], *, 
     if durable:
         _fsync_folder(path.parent)
     return path
+
+
+def atomic_write_json(path: str | os.PathLike, values: Any, **dumps_options: Any) -> Path:
+    """`values` as JSON through `atomic_write`; serialised first, so a value JSON cannot hold leaves no file behind."""
+    text = json.dumps(values, **dumps_options)
+    return atomic_write(path, lambda file: file.write(text.encode("utf-8")))
 
 
 def _current_umask() -> int:

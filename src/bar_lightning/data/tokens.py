@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from bar_lightning.io import atomic_write
+from bar_lightning.io import atomic_write, atomic_write_json
 
 TOKEN_KEY = "tokens"
 FLIP_TOKEN_KEY = "tokens_flip"
@@ -103,10 +103,7 @@ def write_token_metadata(root: str | os.PathLike[str], **fields: Any) -> Path:
     by :class:`PretokenizedTokens`: ``num_tokens`` (tokens per image). Returns the written path.
     """
     metadata: dict[str, Any] = {"format": "npz", "storage_keys": list(STORAGE_KEYS), **fields}
-    text = json.dumps(metadata, indent=2)  # before writing, so a non-serialisable field leaves no file behind
-    path = Path(root) / METADATA_FILENAME
-    atomic_write(path, lambda file: file.write(text.encode("utf-8")))
-    return path
+    return atomic_write_json(Path(root) / METADATA_FILENAME, metadata, indent=2)
 
 
 def _check_metadata(

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torchvision.transforms.v2 import functional as TF
 
 from bar_lightning.data.convert import (
@@ -44,6 +42,7 @@ from bar_lightning.data.convert import (
 )
 from bar_lightning.data.convert import load_fashion_mnist as load_fashion_mnist_idx
 from bar_lightning.eval import metrics as generation_metrics
+from bar_lightning.io import atomic_write
 from bar_lightning.models.classifier import SmallImageClassifier
 
 # Written into the safetensors header so that load_classifier can refuse other files with a clear message.
@@ -270,22 +269,12 @@ def save_classifier(model: SmallImageClassifier, path: str | Path) -> Path:
     """Write the weights (safetensors) with the constructor arguments in its header; atomic (temp file + rename)."""
     if not isinstance(model, SmallImageClassifier):
         raise TypeError(f"model must be a SmallImageClassifier, got {type(model).__name__}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # safetensors wants contiguous CPU tensors; clone so no two entries share storage.
     tensors = {
         name: tensor.detach().cpu().contiguous().clone() for name, tensor in model.state_dict().items()
     }
     metadata = {"format": CLASSIFIER_FORMAT, "config": json.dumps(model.config(), sort_keys=True)}
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(descriptor)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda file: file.write(save(tensors, metadata=metadata)))
 
 
 def load_classifier(path: str | Path, *, device: str | torch.device = "cpu") -> SmallImageClassifier:

@@ -8,7 +8,6 @@ merges the parts in global order.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -22,6 +21,7 @@ from rich.progress import Progress
 
 from bar_lightning.config.schema import ConfigError
 from bar_lightning.eval.sampling import balanced_labels, load_generator_from_source, resolve_device
+from bar_lightning.io import atomic_write, atomic_write_json
 from bar_lightning.models.bar import BARGenerator
 from bar_lightning.models.mbm_head import validate_tokens_allocation
 
@@ -190,12 +190,6 @@ def run_speed_benchmark(generator: BARGenerator, tokenizer: torch.nn.Module | No
     }
 
 
-def write_json(path: Path, values: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(values, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     """Sample (or time) as `cfg` says; returns the metrics written to `metrics.json` (rank 0)."""
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
@@ -236,7 +230,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     if cfg.speed.enabled:
         result = run_speed_benchmark(generator, tokenizer, cfg, allocation, device, world_size)
         if rank == 0:
-            write_json(output / "speed.json", result)
+            atomic_write_json(output / "speed.json", result, indent=2, sort_keys=True)
             log.info("%.1f images/s (%d processes)", result["images_per_second"], world_size)
         return result
 
@@ -256,9 +250,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
 
     bits, images = merge_parts(output, world_size, len(labels))
     label_array = labels.numpy()
-    tmp = output / ".samples_bits.tmp.npz"
-    np.savez_compressed(tmp, bits=bits, labels=label_array)
-    os.replace(tmp, output / "samples_bits.npz")
+    atomic_write(output / "samples_bits.npz", lambda file: np.savez_compressed(file, bits=bits, labels=label_array))
     result: dict[str, Any] = {"num_samples": len(labels), "num_classes": len(classes),
                               "guidance_scale": float(cfg.sampling.guidance_scale),
                               "temperature": float(cfg.sampling.temperature),
@@ -272,7 +264,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
             save_png_grid_and_files(images, label_array, output / "samples")
         if metric_names:
             result.update(score_images(images, label_array, cfg.metrics, device))
-    write_json(output / "metrics.json", result)
+    atomic_write_json(output / "metrics.json", result, indent=2, sort_keys=True)
     log.info("metrics: %s", result)
     return result
 
