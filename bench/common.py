@@ -64,6 +64,14 @@ def random_generator_on(device: torch.device, **model_kwargs: Any) -> BARGenerat
     return randomise_(model)
 
 
+def matmul_weights_per_row(model: BARGenerator) -> tuple[int, int]:
+    """Weights each row multiplies once: (backbone blocks, MBM/linear head); embedding tables are lookups, not
+    products. One row costs 2 FLOP per weight."""
+    backbone = sum(p.numel() for block in model.blocks for p in block.parameters() if p.ndim == 2)
+    head = sum(p.numel() for name, p in model.lm_head.named_parameters() if p.ndim == 2 and "input_embed" not in name)
+    return backbone, head
+
+
 def synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()

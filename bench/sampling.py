@@ -19,6 +19,7 @@ import torch
 from common import (
     compose_experiment,
     machine,
+    matmul_weights_per_row,
     median,
     print_table,
     random_generator_on,
@@ -50,8 +51,7 @@ VARIANTS = {
 def sampling_flops_and_bytes(model: BARGenerator, batch: int, use_cfg: bool, allocation: list[int]) -> dict[str, float]:
     """Matmul FLOPs of one batch and the KV-cache bytes its attention must read (float32 cache)."""
     rows = batch * (2 if use_cfg else 1)
-    backbone_params = sum(p.numel() for block in model.blocks for name, p in block.named_parameters() if p.ndim == 2)
-    head_params = sum(p.numel() for name, p in model.lm_head.named_parameters() if p.ndim == 2 and "input_embed" not in name)
+    backbone_params, head_params = matmul_weights_per_row(model)
     positions = model.prefix_len + model.num_steps - 1
     backbone = 2 * rows * positions * backbone_params
     head = 2 * rows * model.num_steps * len(allocation) * head_params

@@ -17,7 +17,16 @@ from typing import Any
 
 import lightning as L
 import torch
-from common import compose_experiment, machine, median, print_table, randomise_, synchronize, write_results
+from common import (
+    compose_experiment,
+    machine,
+    matmul_weights_per_row,
+    median,
+    print_table,
+    randomise_,
+    synchronize,
+    write_results,
+)
 
 from bar_lightning.run import build_generator_job, build_trainer
 
@@ -48,11 +57,10 @@ class StepTimer(L.Callback):
 def training_flops_per_sample(model: Any) -> float:
     """Matmul + attention FLOPs of forward and backward (3x forward) for one training sample."""
     positions = model.prefix_len + model.num_steps
-    backbone = 2 * positions * sum(p.numel() for b in model.blocks for p in b.parameters() if p.ndim == 2)
+    backbone_weights, head_weights = matmul_weights_per_row(model)
+    backbone = 2 * positions * backbone_weights
     attention = len(model.blocks) * 2 * 2 * positions * positions / 2 * model.hidden_size  # causal: half the pairs
-    head = 2 * model.num_steps * sum(
-        p.numel() for name, p in model.lm_head.named_parameters() if p.ndim == 2 and "input_embed" not in name
-    )
+    head = 2 * model.num_steps * head_weights
     projections = 2 * positions * (model.input_merge.weight.numel() + model.latent_condition_proj.weight.numel())
     return 3.0 * (backbone + attention + head + projections)
 
