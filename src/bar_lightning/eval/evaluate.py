@@ -95,9 +95,7 @@ def generate_shard(
             batch_indices = indices[start : start + batch_size]
             rng = torch.Generator(device=device).manual_seed(seed + batch_indices[0])
             bits = generator.generate(
-                labels[batch_indices].to(device), guidance_scale=float(sampling.guidance_scale),
-                temperature=float(sampling.temperature), tokens_allocation=allocation,
-                random_order=bool(sampling.random_order), generator=rng, **fast_path_options(sampling, device),
+                labels[batch_indices].to(device), generator=rng, **generate_options(sampling, allocation, device)
             )
             bits_parts.append(bits.cpu().numpy().astype(np.uint8))
             if tokenizer is not None:
@@ -109,9 +107,13 @@ def generate_shard(
     return bits_all, images_all
 
 
-def fast_path_options(sampling: DictConfig, device: torch.device) -> dict[str, Any]:
-    """`generate` keyword arguments for the configured speed settings (CUDA graphs only exist on GPUs)."""
-    return {"cuda_graph": bool(sampling.cuda_graph) and device.type == "cuda", "precision": str(sampling.precision)}
+def generate_options(sampling: DictConfig, allocation: list[int], device: torch.device) -> dict[str, Any]:
+    """`generate` keyword arguments of the `sampling` config (CUDA graphs only exist on GPUs)."""
+    return {
+        "guidance_scale": float(sampling.guidance_scale), "temperature": float(sampling.temperature),
+        "tokens_allocation": allocation, "random_order": bool(sampling.random_order),
+        "cuda_graph": bool(sampling.cuda_graph) and device.type == "cuda", "precision": str(sampling.precision),
+    }
 
 
 def merge_parts(output: Path, world_size: int, num_samples: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -147,10 +149,7 @@ def run_speed_benchmark(generator: BARGenerator, tokenizer: torch.nn.Module | No
 
     def one_batch(index: int) -> None:
         rng = torch.Generator(device=device).manual_seed(cfg.seed + index)
-        bits = generator.generate(labels, guidance_scale=float(cfg.sampling.guidance_scale),
-                                  temperature=float(cfg.sampling.temperature), tokens_allocation=allocation,
-                                  random_order=bool(cfg.sampling.random_order), generator=rng,
-                                  **fast_path_options(cfg.sampling, device))
+        bits = generator.generate(labels, generator=rng, **generate_options(cfg.sampling, allocation, device))
         if tokenizer is not None and speed.include_decoder:
             tokenizer.decode_bits(bits)
 
