@@ -12,22 +12,31 @@ python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightnin
 quiet() { grep -v -i -e warn -e "^ *return F" -e "^ *warnings" ; }
 case "${1:-sampling}" in
   sampling)
-    python3 -m pytest -q -p no:cacheprovider tests/test_gpu_sampling.py 2>&1 | tail -8 | tee "$OUT/gpu_tests.log"
+    timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_sampling.py 2>&1 | tail -8 | tee "$OUT/gpu_tests.log"
     cd bench
-    python3 sampling.py --experiment bar_b --variants graph+compile,graph+compile+values_length_major,graph+compile+bf16 --decoder --profile --out "$OUT/sampling_bar_b.json" 2>&1 | quiet | tail -7
-    for e in bar_b_patch2 bar_b_patch4; do
-      python3 sampling.py --experiment $e --variants graph+compile,graph+compile+bf16 --out "$OUT/sampling_$e.json" 2>&1 | quiet | tail -4
-    done
+    timeout 260 python3 sampling.py --experiment bar_b --variants graph+compile,graph+compile+triton_attention,graph+compile+bf16 \
+      --profile --profile-variant graph+compile+triton_attention --out "$OUT/sampling_bar_b.json" 2>&1 | quiet | tail -40
+    timeout 100 python3 sampling.py --experiment bar_b_patch2 --variants graph+compile,graph+compile+triton_attention,graph+compile+bf16 \
+      --profile --profile-variant graph+compile+triton_attention --out "$OUT/sampling_bar_b_patch2.json" 2>&1 | quiet | tail -36
+    timeout 70 python3 sampling.py --experiment bar_b_patch4 --variants graph+compile,graph+compile+triton_attention,graph+compile+bf16 \
+      --out "$OUT/sampling_bar_b_patch4.json" 2>&1 | quiet | tail -5
     ;;
   training)
     cd bench
-    python3 training.py --experiments bar_b --variants compile,eager,ddp,fsdp --out "$OUT/training_bar_b.json" 2>&1 | quiet | tail -7
-    python3 training.py --experiments bar_b_patch4 --variants compile,eager --out "$OUT/training_bar_b_patch4.json" 2>&1 | quiet | tail -5
+    timeout 330 python3 training.py --experiments bar_b --variants compile,eager,fsdp,ddp,compile+checkpoint \
+      --out "$OUT/training_bar_b.json" 2>&1 | quiet | tail -9
+    timeout 120 python3 training.py --experiments bar_b_patch4 --variants compile,eager \
+      --out "$OUT/training_bar_b_patch4.json" 2>&1 | quiet | tail -5
     cd ..
-    # Issue 7: the FSDP path of train.py itself on one GPU (one process), full-size BAR-B, synthetic tokens.
-    python3 train.py experiment=bar_b trainer=fsdp trainer.devices=1 data=synthetic_tokens data.num_workers=4 \
-      trainer.max_steps=30 trainer.log_every_n_steps=10 trainer.enable_progress_bar=false logger=csv \
+    # Issue 7: the FSDP path of train.py itself on one GPU (one process), full-size BAR-B, synthetic tokens;
+    # nvidia-smi samples the device memory in use meanwhile (reserved memory plus the CUDA context).
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader -lms 500 > "$OUT/fsdp_memory_used.csv" &
+    SMI=$!
+    timeout 100 python3 train.py experiment=bar_b trainer=fsdp trainer.devices=1 data=synthetic_tokens data.num_workers=4 \
+      trainer.max_steps=20 trainer.log_every_n_steps=5 trainer.enable_progress_bar=false logger=csv \
       hydra.run.dir=/tmp/fsdp_run 2>&1 | quiet | tail -5
+    kill $SMI
+    sort -n "$OUT/fsdp_memory_used.csv" | tail -1
     cp /tmp/fsdp_run/*/metrics.csv "$OUT/fsdp_metrics.csv" 2>/dev/null || find /tmp/fsdp_run -name metrics.csv -exec cp {} "$OUT/fsdp_metrics.csv" \;
     ;;
   memory)

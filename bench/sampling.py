@@ -38,12 +38,15 @@ VARIANTS = {
     "graph+compile": dict(cuda_graph=True, compile=True, precision="fp32"),
     "graph+compile+bf16": dict(cuda_graph=True, compile=True, precision="bf16"),
     # The default path minus one of its two kernel-level changes, to show what each buys.
-    "graph+compile-fused_attention": dict(cuda_graph=True, compile=True, precision="fp32", fused_attention=False),
+    "graph+compile-fused_attention": dict(cuda_graph=True, compile=True, precision="fp32", fp32_attention="sdpa"),
     "graph+compile-align_head": dict(cuda_graph=True, compile=True, precision="fp32", align_head=False),
     "graph+compile+bf16-align_head": dict(cuda_graph=True, compile=True, precision="bf16", align_head=False),
-    # Candidate not yet the default: length-major cached values for the fused fp32 attention.
+    # Candidates not yet the default: length-major cached values for the two-reduction fp32 attention; the
+    # one-kernel Triton fp32 attention (bar_lightning.ops.decode_attention).
     "graph+compile+values_length_major": dict(cuda_graph=True, compile=True, precision="fp32",
                                               values_length_major=True),
+    "graph+compile+triton_attention": dict(cuda_graph=True, compile=True, precision="fp32",
+                                           fp32_attention="triton"),
     "eager+bf16": dict(cuda_graph=False, compile=False, precision="bf16"),
 }
 
@@ -79,6 +82,14 @@ def measure_ceilings() -> dict[str, float]:
     return out
 
 
+def use_variant(model: BARGenerator, variant: dict) -> None:
+    """Set the model's decode functions to the variant's (a fresh compilation per variant)."""
+    model.compile_decode(False)
+    model.compile_decode(variant["compile"], fp32_attention=variant.get("fp32_attention", "reductions"),
+                         align_head=variant.get("align_head", True),
+                         values_length_major=variant.get("values_length_major", False))
+
+
 def generate(model: BARGenerator, labels: torch.Tensor, sampling: Any, seed: int, variant: dict) -> torch.Tensor:
     rng = torch.Generator(device=labels.device).manual_seed(seed)
     return model.generate(
@@ -106,8 +117,10 @@ def teacher_forced_agreement(model: BARGenerator, bits: torch.Tensor, labels: to
     }
 
 
-def kernel_profile(model: BARGenerator, labels: torch.Tensor, sampling: Any, variant: dict) -> dict[str, float]:
-    """Device time of one batch by kernel family (matmul / attention / fused Triton / other), without the graph."""
+def kernel_profile(model: BARGenerator, labels: torch.Tensor, sampling: Any, variant: dict,
+                   top: int = 25) -> dict[str, Any]:
+    """Device time of one batch by kernel family (matmul / attention / fused Triton / other) and the `top` kernels,
+    run without the CUDA graph (the same kernels; the graph only removes the launch gaps)."""
     from torch.profiler import ProfilerActivity, profile
 
     eager_variant = {**variant, "cuda_graph": False}
@@ -121,12 +134,17 @@ def kernel_profile(model: BARGenerator, labels: torch.Tensor, sampling: Any, var
     wall = time.perf_counter() - start
     families = {"matmul": 0.0, "attention": 0.0, "triton_fused": 0.0, "other": 0.0}
     kernels = 0
+    per_kernel = []
     for event in prof.key_averages():
         device_us = event.device_time_total if labels.is_cuda else event.self_cpu_time_total
         if device_us <= 0 or event.count <= 0:
             continue
+        if labels.is_cuda and event.device_type != torch.autograd.DeviceType.CUDA:
+            continue  # CPU-side operator rows also carry their kernels' device time: count kernels only
         name = event.key.lower()
         kernels += event.count
+        per_kernel.append({"kernel": event.key[:120], "calls": event.count, "total_s": device_us / 1e6,
+                           "mean_us": device_us / event.count})
         if any(tag in name for tag in ("gemm", "cutlass", "sm90_xmma", "cublas", "matmul", "gemv", "nvjet")):
             families["matmul"] += device_us
         elif any(tag in name for tag in ("fmha", "attention", "flash", "attn")):
@@ -135,10 +153,11 @@ def kernel_profile(model: BARGenerator, labels: torch.Tensor, sampling: Any, var
             families["triton_fused"] += device_us
         else:
             families["other"] += device_us
-    result = {f"profile_{key}_s": value / 1e6 for key, value in families.items()}
+    result: dict[str, Any] = {f"profile_{key}_s": value / 1e6 for key, value in families.items()}
     result["profile_kernels"] = kernels
     result["profile_device_total_s"] = sum(families.values()) / 1e6
     result["profile_wall_s_with_profiler"] = wall
+    result["top_kernels"] = sorted(per_kernel, key=lambda row: -row["total_s"])[:top]
     return result
 
 
@@ -151,7 +170,8 @@ def main() -> None:
     parser.add_argument("--timed", type=int, default=3)
     parser.add_argument("--decoder", action="store_true", help="also time the BAR-FSQ ViT-L decoder (end to end)")
     parser.add_argument("--check", action="store_true", help="compare each variant's bits with the eager loop")
-    parser.add_argument("--profile", action="store_true", help="kernel-time breakdown of the default variant")
+    parser.add_argument("--profile", action="store_true", help="kernel-time breakdown of --profile-variant")
+    parser.add_argument("--profile-variant", dest="profile_variant", default="graph+compile")
     parser.add_argument("--ceilings", action="store_true", help="measure matmul rates and copy bandwidth first")
     parser.add_argument("--override", action="append", default=[], help="extra config overrides")
     parser.add_argument("--decoder-override", dest="decoder_overrides", action="append", default=[],
@@ -180,10 +200,7 @@ def main() -> None:
     rows = []
     for name in args.variants.split(","):
         variant = VARIANTS[name]
-        model.compile_decode(False)  # a fresh set of options per variant
-        model.compile_decode(variant["compile"], fused_attention=variant.get("fused_attention", True),
-                             align_head=variant.get("align_head", True),
-                             values_length_major=variant.get("values_length_major", False))
+        use_variant(model, variant)
         row: dict[str, Any] = {"variant": name}
         try:
             if device.type == "cuda":
@@ -216,9 +233,14 @@ def main() -> None:
         results["agreement"] = teacher_forced_agreement(model, bits[subset], labels[subset])
         print("agreement:", results["agreement"], flush=True)
     if args.profile:
-        model.compile_decode(True)
-        results["profile"] = kernel_profile(model, labels, sampling, VARIANTS["graph+compile"])
-        print("profile:", results["profile"], flush=True)
+        variant = VARIANTS[args.profile_variant]
+        use_variant(model, variant)
+        results["profile"] = kernel_profile(model, labels, sampling, variant)
+        results["profile"]["variant"] = args.profile_variant
+        summary = {k: v for k, v in results["profile"].items() if k != "top_kernels"}
+        print("profile:", summary, flush=True)
+        for row in results["profile"]["top_kernels"]:
+            print(f"  {row['total_s']:8.4f} s {row['calls']:7d} x {row['mean_us']:8.1f} us  {row['kernel'][:100]}")
     if args.decoder:
         results["decoder"] = time_decoder(model, labels, sampling, args)
         print("decoder:", results["decoder"], flush=True)

@@ -39,8 +39,8 @@ def fixture(request):
 
 
 def sample(model, labels, meta, run, *, fast: bool, temperature: float = 0.0, seed: int = 0, precision="fp32",
-           values_length_major: bool = False):
-    model.compile_decode(fast, values_length_major=values_length_major)
+           values_length_major: bool = False, fp32_attention: str = "reductions"):
+    model.compile_decode(fast, values_length_major=values_length_major, fp32_attention=fp32_attention)
     rng = torch.Generator(device="cuda").manual_seed(seed)
     bits = model.generate(
         labels.cuda(), guidance_scale=float(meta["generate"][run]["guidance_scale"]), temperature=temperature,
@@ -49,13 +49,14 @@ def sample(model, labels, meta, run, *, fast: bool, temperature: float = 0.0, se
     return bits, rng
 
 
+@pytest.mark.parametrize("fp32_attention", ["reductions", "triton"])
 @pytest.mark.parametrize("run", ["g1", "g3"])
-def test_fast_path_reproduces_the_fixture_bits(fixture, run):
+def test_fast_path_reproduces_the_fixture_bits(fixture, run, fp32_attention):
     meta, io, model = fixture
     labels = io[f"gen.{run}.class_labels"]
     eager, _ = sample(model, labels, meta, run, fast=False)
-    fast, _ = sample(model, labels, meta, run, fast=True)
-    again, _ = sample(model, labels, meta, run, fast=True)  # a replay of the captured graph
+    fast, _ = sample(model, labels, meta, run, fast=True, fp32_attention=fp32_attention)
+    again, _ = sample(model, labels, meta, run, fast=True, fp32_attention=fp32_attention)  # a graph replay
     assert torch.equal(eager.cpu(), io[f"gen.{run}.bits"])
     assert torch.equal(fast, eager)
     assert torch.equal(again, eager)
@@ -68,12 +69,14 @@ def test_length_major_value_cache_reproduces_the_fixture_bits(fixture):
     assert torch.equal(fast.cpu(), io["gen.g3.bits"])
 
 
-def test_fast_path_draws_the_same_random_numbers_as_the_eager_loop(fixture):
+@pytest.mark.parametrize("fp32_attention", ["reductions", "triton"])
+def test_fast_path_draws_the_same_random_numbers_as_the_eager_loop(fixture, fp32_attention):
     meta, io, model = fixture
     labels = io["gen.g3.class_labels"]
     eager, eager_rng = sample(model, labels, meta, "g3", fast=False, temperature=2.0, seed=11)
-    fast, fast_rng = sample(model, labels, meta, "g3", fast=True, temperature=2.0, seed=11)
-    other, _ = sample(model, labels, meta, "g3", fast=True, temperature=2.0, seed=12)
+    fast, fast_rng = sample(model, labels, meta, "g3", fast=True, temperature=2.0, seed=11,
+                            fp32_attention=fp32_attention)
+    other, _ = sample(model, labels, meta, "g3", fast=True, temperature=2.0, seed=12, fp32_attention=fp32_attention)
     assert torch.equal(fast, eager)
     assert torch.equal(fast_rng.get_state(), eager_rng.get_state())  # the caller's generator advanced alike
     assert not torch.equal(other, fast)
@@ -100,3 +103,22 @@ def test_bf16_mode_runs_and_stays_close_to_float32(fixture):
     assert (low - reference).norm() / reference.norm() < 3e-2
     fast, _ = sample(model, io["gen.g3.class_labels"], meta, "g3", fast=True, precision="bf16")
     assert fast.shape == io["gen.g3.bits"].shape and set(fast.unique().tolist()) <= {0, 1}
+
+
+@pytest.mark.parametrize("length", [1, 33, 64, 65, 289])
+def test_triton_decode_attention_matches_float64_attention_on_cache_views(length):
+    from bar_lightning.models.bar import StaticKVCache
+    from bar_lightning.ops.decode_attention import decode_attention, reference_decode_attention
+
+    generator = torch.Generator(device="cuda").manual_seed(length)
+    rows, heads, head_dim = 6, 4, 64
+    cache = StaticKVCache(num_layers=2, batch=rows, num_heads=heads, max_len=300, head_dim=head_dim,
+                          dtype=torch.float32, device=torch.device("cuda"))
+    keys, values = (torch.randn(rows, heads, length, head_dim, device="cuda", generator=generator) * 3
+                    for _ in range(2))
+    k, v = cache.write(1, keys, values)  # strided views into the preallocated cache
+    q = torch.randn(rows, 1, heads, head_dim, device="cuda", generator=generator).transpose(1, 2)  # not contiguous
+    out = decode_attention(q, k, v)
+    reference = reference_decode_attention(q.double(), k.double(), v.double())
+    assert out.shape == (rows, heads, 1, head_dim) and out.dtype == torch.float32
+    assert (out.double() - reference).abs().max() < 2e-5

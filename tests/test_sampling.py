@@ -266,6 +266,27 @@ def test_compile_decode_is_idempotent_and_switchable():
     assert model_decode_functions(model) is None
 
 
+def test_decode_attention_kernel_choice_is_validated():
+    model = tiny_generator()
+    with pytest.raises(ValueError, match="fp32_attention='flash' is not a decode attention"):
+        model.compile_decode(fp32_attention="flash")
+    assert model_decode_functions(model) is None
+
+
+def test_triton_decode_attention_rejects_inputs_it_does_not_handle():
+    from bar_lightning.ops.decode_attention import decode_attention
+
+    k = torch.randn(2, 3, 5, 16)
+    with pytest.raises(ValueError, match="one query per row and head, got 2"):
+        decode_attention(torch.randn(2, 3, 2, 16), k, k)
+    with pytest.raises(ValueError, match="float32 kernel; got torch.float64"):
+        decode_attention(torch.randn(2, 3, 1, 16, dtype=torch.float64), k, k)
+    with pytest.raises(ValueError, match="power-of-two head dimension, got 12"):
+        decode_attention(torch.randn(2, 3, 1, 12), k[..., :12], k[..., :12])
+    with pytest.raises(ValueError, match=r"keys \(2, 3, 5, 16\) / values \(2, 3, 4, 16\)"):
+        decode_attention(torch.randn(2, 3, 1, 16), k, k[:, :, :4])
+
+
 def model_decode_functions(model):
     from bar_lightning.models.bar import _DECODE_FUNCTIONS
 

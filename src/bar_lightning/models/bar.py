@@ -32,6 +32,7 @@ from bar_lightning.models.layers import (
 )
 from bar_lightning.models.linear_head import LinearSoftmaxHead
 from bar_lightning.models.mbm_head import MaskBitModelingHead, validate_tokens_allocation
+from bar_lightning.ops import decode_attention as decode_attention_kernel
 
 NULL_LABEL = -1  # class label meaning "no class" (the CFG null condition / dropped label)
 MASK_ID = 2
@@ -458,7 +459,7 @@ class BARGenerator(nn.Module):
         return 1.0 + (guidance_scale - 1.0) * (step / num_steps)
 
     def compile_decode(
-        self, enabled: bool = True, *, fused_attention: bool = True, align_head: bool = True,
+        self, enabled: bool = True, *, fp32_attention: str = "reductions", align_head: bool = True,
         values_length_major: bool = False,
     ) -> None:
         """Compile the per-step work of `generate` (both halves of every block and the MBM head) with torch.compile.
@@ -467,34 +468,49 @@ class BARGenerator(nn.Module):
         many small element-wise kernels (norms, modulation, RoPE, gates, SiLU) between the matrix products.
 
         Args:
-            fused_attention: float32 attention of the new position over the cache as two compiled reductions that
-                read K and V once (SDPA's float32 kernels pad the single query to a 64-row tile and run 3-5x over
-                the bandwidth floor on an H200); compiled with a dynamic cache length. bf16 keeps SDPA (cuDNN).
+            fp32_attention: the float32 attention of the new position over the cache (bf16 sampling keeps SDPA,
+                which dispatches to cuDNN). "reductions": two compiled reductions that read K and V once, compiled
+                with a dynamic cache length; "triton": the one-kernel online-softmax version
+                (`bar_lightning.ops.decode_attention`); "sdpa": PyTorch's SDPA, whose float32 kernel pads the single
+                query to a 64-row tile and ran 3-5x over the bandwidth floor on an H200.
             align_head: run the MBM head's MLPs (odd hidden width 5461) on zero-padded aligned weight copies made
                 once per batch (see `SwiGLU.aligned_weights`).
-            values_length_major: with `fused_attention`, store the cached values length-major so that both of its
-                reductions read contiguous memory (see `StaticKVCache`). Off until measured on a GPU
-                (docs/benchmarks.md; `bench/sampling.py --variants graph+compile+values_length_major`).
+            values_length_major: with "reductions", store the cached values length-major so that both reductions
+                read contiguous memory (see `StaticKVCache`).
         """
         if not enabled:
             if _DECODE_FUNCTIONS.pop(self, None) is not None:
                 drop_captured_generations(self)
             return
+        if fp32_attention not in FP32_DECODE_ATTENTION:
+            raise ValueError(
+                f"fp32_attention={fp32_attention!r} is not a decode attention; use one of {FP32_DECODE_ATTENTION}"
+            )
+        if fp32_attention == "triton" and not decode_attention_kernel.has_triton():
+            raise ValueError('fp32_attention="triton" needs Triton (it comes with CUDA builds of PyTorch); '
+                             'use "reductions"')
+        values_length_major = values_length_major and fp32_attention == "reductions"
+        options = (fp32_attention, align_head, values_length_major)
         current = _DECODE_FUNCTIONS.get(self)
-        options = (fused_attention, align_head, values_length_major and fused_attention)
-        if current is not None and (current.fp32_attention is not None, current.align_head,
+        if current is not None and (current.fp32_attention_name, current.align_head,
                                     current.values_length_major) == options:
             return  # already compiled with these options: keep the compiled functions and the captured graphs
         compiled_head = None
         if isinstance(self.lm_head, MaskBitModelingHead):
             compiled_head = torch.compile(self.lm_head.logits, dynamic=False)
+        attention = {
+            "sdpa": None,
+            "reductions": lambda: torch.compile(fused_decode_attention, dynamic=True),
+            "triton": lambda: decode_attention_kernel.decode_attention,
+        }[fp32_attention]
         _DECODE_FUNCTIONS[self] = DecodeFunctions(
             attention_inputs=torch.compile(Block.attention_inputs, dynamic=False),
             finish=torch.compile(Block.finish, dynamic=False),
             head_logits=compiled_head,
-            fp32_attention=torch.compile(fused_decode_attention, dynamic=True) if fused_attention else None,
+            fp32_attention=attention() if attention is not None else None,
+            fp32_attention_name=fp32_attention,
             align_head=align_head,
-            values_length_major=values_length_major and fused_attention,
+            values_length_major=values_length_major,
         )
         drop_captured_generations(self)
 
@@ -661,6 +677,7 @@ class BARGenerator(nn.Module):
 
 
 SAMPLING_PRECISIONS = ("fp32", "bf16")
+FP32_DECODE_ATTENTION = ("reductions", "triton", "sdpa")  # see BARGenerator.compile_decode
 
 
 class SamplingSettings(NamedTuple):
@@ -680,6 +697,7 @@ class DecodeFunctions(NamedTuple):
     finish: Callable[..., torch.Tensor]
     head_logits: Callable[..., torch.Tensor] | None  # None: the head's own `logits`
     fp32_attention: Callable[..., torch.Tensor] | None  # None: SDPA
+    fp32_attention_name: str  # one of FP32_DECODE_ATTENTION
     align_head: bool
     values_length_major: bool  # cache layout for fp32_attention (see StaticKVCache)
 
@@ -696,7 +714,7 @@ def fused_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
 
 EAGER_DECODE = DecodeFunctions(
     attention_inputs=Block.attention_inputs, finish=Block.finish, head_logits=None, fp32_attention=None,
-    align_head=False, values_length_major=False,
+    fp32_attention_name="sdpa", align_head=False, values_length_major=False,
 )
 # Per-model state that must not travel with deepcopy/pickle/state_dict: compiled functions and captured graphs.
 _DECODE_FUNCTIONS: weakref.WeakKeyDictionary[BARGenerator, DecodeFunctions] = weakref.WeakKeyDictionary()
