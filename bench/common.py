@@ -72,6 +72,46 @@ def matmul_weights_per_row(model: BARGenerator) -> tuple[int, int]:
     return backbone, head
 
 
+MATMUL_TAGS = ("gemm", "cutlass", "sm90_xmma", "cublas", "matmul", "gemv", "nvjet")
+ATTENTION_TAGS = ("fmha", "attention", "flash", "attn")
+
+
+def kernel_table(prof: Any, on_cuda: bool, top: int = 25) -> dict[str, Any]:
+    """Device time by kernel family (matmul / attention / compiled Triton / other) and the `top` kernels of a
+    finished `torch.profiler.profile`."""
+    families = {"matmul": 0.0, "attention": 0.0, "triton_fused": 0.0, "other": 0.0}
+    kernels, per_kernel = 0, []
+    for event in prof.key_averages():
+        device_us = event.device_time_total if on_cuda else event.self_cpu_time_total
+        if device_us <= 0 or event.count <= 0:
+            continue
+        if on_cuda and event.device_type != torch.autograd.DeviceType.CUDA:
+            continue  # operator rows also carry their kernels' device time: count the kernels only
+        name = event.key.lower()
+        kernels += event.count
+        per_kernel.append({"kernel": event.key[:120], "calls": event.count, "total_s": device_us / 1e6,
+                           "mean_us": device_us / event.count})
+        if any(tag in name for tag in MATMUL_TAGS):
+            families["matmul"] += device_us
+        elif any(tag in name for tag in ATTENTION_TAGS):
+            families["attention"] += device_us
+        elif name.startswith("triton"):
+            families["triton_fused"] += device_us
+        else:
+            families["other"] += device_us
+    result: dict[str, Any] = {f"profile_{key}_s": value / 1e6 for key, value in families.items()}
+    result["profile_kernels"] = kernels
+    result["profile_device_total_s"] = sum(families.values()) / 1e6
+    result["top_kernels"] = sorted(per_kernel, key=lambda row: -row["total_s"])[:top]
+    return result
+
+
+def print_kernel_table(profile: dict[str, Any]) -> None:
+    print("profile:", {k: v for k, v in profile.items() if k != "top_kernels"}, flush=True)
+    for row in profile["top_kernels"]:
+        print(f"  {row['total_s']:8.4f} s {row['calls']:7d} x {row['mean_us']:8.1f} us  {row['kernel'][:100]}")
+
+
 def synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()

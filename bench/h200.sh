@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H200 benchmark session, one device call per part; JSON and logs under $OUT.
-#   bash bench/h200.sh sampling | training | memory | diagnose
+#   bash bench/h200.sh sampling | training | final | memory | diagnose
 # Needs the wheels of ../shared/tools/device-wheels.sh in .whl (Hydra, webdataset, torch-fidelity).
 set -uo pipefail
 OUT=${OUT:-/tmp/bench_out}
@@ -38,6 +38,22 @@ case "${1:-sampling}" in
     kill $SMI
     sort -n "$OUT/fsdp_memory_used.csv" | tail -1
     cp /tmp/fsdp_run/*/metrics.csv "$OUT/fsdp_metrics.csv" 2>/dev/null || find /tmp/fsdp_run -name metrics.csv -exec cp {} "$OUT/fsdp_metrics.csv" \;
+    ;;
+  final)
+    # The last session's check: GPU tests, the default sampling path (Triton fp32 attention) with its agreement
+    # with the eager loop, end to end with the decoder, and the compiled training step with its kernel profile.
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_sampling.py 2>&1 | tail -6 | tee "$OUT/gpu_tests.log"
+    cd bench
+    timeout 120 python3 sampling.py --experiment bar_b --variants eager,graph+compile --check --decoder \
+      --out "$OUT/sampling_bar_b.json" 2>&1 | quiet | tail -6
+    for e in bar_b_patch2 bar_b_patch4; do
+      timeout 50 python3 sampling.py --experiment $e --variants eager,graph+compile --check \
+        --out "$OUT/sampling_$e.json" 2>&1 | quiet | tail -4
+    done
+    timeout 110 python3 training.py --experiments bar_b --variants compile --profile \
+      --out "$OUT/training_bar_b_profile.json" 2>&1 | quiet | tail -32
+    timeout 180 python3 training.py --experiments bar_b --variants compile+max_autotune \
+      --out "$OUT/training_bar_b_autotune.json" 2>&1 | quiet | tail -4
     ;;
   memory)
     cd bench && python3 head_memory.py --out "$OUT/head_memory.json" 2>&1 | quiet | tail -15

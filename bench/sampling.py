@@ -18,9 +18,11 @@ from typing import Any
 import torch
 from common import (
     compose_experiment,
+    kernel_table,
     machine,
     matmul_weights_per_row,
     median,
+    print_kernel_table,
     print_table,
     random_generator_on,
     randomise_,
@@ -37,16 +39,15 @@ VARIANTS = {
     "graph": dict(cuda_graph=True, compile=False, precision="fp32"),
     "graph+compile": dict(cuda_graph=True, compile=True, precision="fp32"),
     "graph+compile+bf16": dict(cuda_graph=True, compile=True, precision="bf16"),
-    # The default path minus one of its two kernel-level changes, to show what each buys.
-    "graph+compile-fused_attention": dict(cuda_graph=True, compile=True, precision="fp32", fp32_attention="sdpa"),
+    # The default path with another fp32 attention, or without the aligned head MLP, to show what each buys.
+    "graph+compile+sdpa_attention": dict(cuda_graph=True, compile=True, precision="fp32", fp32_attention="sdpa"),
+    "graph+compile+reductions_attention": dict(cuda_graph=True, compile=True, precision="fp32",
+                                               fp32_attention="reductions"),
     "graph+compile-align_head": dict(cuda_graph=True, compile=True, precision="fp32", align_head=False),
     "graph+compile+bf16-align_head": dict(cuda_graph=True, compile=True, precision="bf16", align_head=False),
-    # Candidates not yet the default: length-major cached values for the two-reduction fp32 attention; the
-    # one-kernel Triton fp32 attention (bar_lightning.ops.decode_attention).
+    # The two-reduction fp32 attention over length-major cached values (a candidate the Triton kernel superseded).
     "graph+compile+values_length_major": dict(cuda_graph=True, compile=True, precision="fp32",
-                                              values_length_major=True),
-    "graph+compile+triton_attention": dict(cuda_graph=True, compile=True, precision="fp32",
-                                           fp32_attention="triton"),
+                                              fp32_attention="reductions", values_length_major=True),
     "eager+bf16": dict(cuda_graph=False, compile=False, precision="bf16"),
 }
 
@@ -85,7 +86,7 @@ def measure_ceilings() -> dict[str, float]:
 def use_variant(model: BARGenerator, variant: dict) -> None:
     """Set the model's decode functions to the variant's (a fresh compilation per variant)."""
     model.compile_decode(False)
-    model.compile_decode(variant["compile"], fp32_attention=variant.get("fp32_attention", "reductions"),
+    model.compile_decode(variant["compile"], fp32_attention=variant.get("fp32_attention"),
                          align_head=variant.get("align_head", True),
                          values_length_major=variant.get("values_length_major", False))
 
@@ -132,32 +133,8 @@ def kernel_profile(model: BARGenerator, labels: torch.Tensor, sampling: Any, var
         generate(model, labels, sampling, 0, eager_variant)
         synchronize()
     wall = time.perf_counter() - start
-    families = {"matmul": 0.0, "attention": 0.0, "triton_fused": 0.0, "other": 0.0}
-    kernels = 0
-    per_kernel = []
-    for event in prof.key_averages():
-        device_us = event.device_time_total if labels.is_cuda else event.self_cpu_time_total
-        if device_us <= 0 or event.count <= 0:
-            continue
-        if labels.is_cuda and event.device_type != torch.autograd.DeviceType.CUDA:
-            continue  # CPU-side operator rows also carry their kernels' device time: count kernels only
-        name = event.key.lower()
-        kernels += event.count
-        per_kernel.append({"kernel": event.key[:120], "calls": event.count, "total_s": device_us / 1e6,
-                           "mean_us": device_us / event.count})
-        if any(tag in name for tag in ("gemm", "cutlass", "sm90_xmma", "cublas", "matmul", "gemv", "nvjet")):
-            families["matmul"] += device_us
-        elif any(tag in name for tag in ("fmha", "attention", "flash", "attn")):
-            families["attention"] += device_us
-        elif name.startswith("triton"):
-            families["triton_fused"] += device_us
-        else:
-            families["other"] += device_us
-    result: dict[str, Any] = {f"profile_{key}_s": value / 1e6 for key, value in families.items()}
-    result["profile_kernels"] = kernels
-    result["profile_device_total_s"] = sum(families.values()) / 1e6
+    result = kernel_table(prof, labels.is_cuda, top)
     result["profile_wall_s_with_profiler"] = wall
-    result["top_kernels"] = sorted(per_kernel, key=lambda row: -row["total_s"])[:top]
     return result
 
 
@@ -237,10 +214,7 @@ def main() -> None:
         use_variant(model, variant)
         results["profile"] = kernel_profile(model, labels, sampling, variant)
         results["profile"]["variant"] = args.profile_variant
-        summary = {k: v for k, v in results["profile"].items() if k != "top_kernels"}
-        print("profile:", summary, flush=True)
-        for row in results["profile"]["top_kernels"]:
-            print(f"  {row['total_s']:8.4f} s {row['calls']:7d} x {row['mean_us']:8.1f} us  {row['kernel'][:100]}")
+        print_kernel_table(results["profile"])
     if args.decoder:
         results["decoder"] = time_decoder(model, labels, sampling, args)
         print("decoder:", results["decoder"], flush=True)

@@ -19,9 +19,11 @@ import lightning as L
 import torch
 from common import (
     compose_experiment,
+    kernel_table,
     machine,
     matmul_weights_per_row,
     median,
+    print_kernel_table,
     print_table,
     randomise_,
     synchronize,
@@ -34,6 +36,7 @@ VARIANTS = {
     "eager": ["training.compile=false"],
     "compile": ["training.compile=true"],
     "compile+checkpoint": ["training.compile=true", "model.use_checkpoint=true"],
+    "compile+max_autotune": ["training.compile=true", "training.compile_mode=max-autotune-no-cudagraphs"],
     # The distributed strategies on one GPU (one process): the code paths of trainer=ddp / trainer=fsdp.
     "ddp": ["trainer=ddp", "trainer.devices=1", "training.compile=false"],
     "fsdp": ["trainer=fsdp", "trainer.devices=1", "training.compile=false"],
@@ -52,6 +55,30 @@ class StepTimer(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         synchronize()
         self.durations.append(time.perf_counter() - self._start)
+
+
+class StepProfiler(L.Callback):
+    """Records the device kernels of `num_steps` optimiser steps starting at `first_step` (torch.profiler)."""
+
+    def __init__(self, first_step: int, num_steps: int = 2) -> None:
+        self.first_step, self.last_step = first_step, first_step + num_steps - 1
+        self.profiler = None
+        self.table: dict[str, Any] | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        if batch_idx == self.first_step:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]
+            self.profiler = profile(activities=activities)
+            self.profiler.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        if batch_idx == self.last_step and self.profiler is not None:
+            synchronize()
+            self.profiler.__exit__(None, None, None)
+            self.table = kernel_table(self.profiler, torch.cuda.is_available())
+            self.table["profiled_steps"] = self.last_step - self.first_step + 1
 
 
 def training_flops_per_sample(model: Any) -> float:
@@ -74,18 +101,24 @@ def run_variant(experiment: str, name: str, args: argparse.Namespace) -> dict[st
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=50",
         *VARIANTS[name], *args.override,
     ]
+    total_steps = args.warmup + args.timed + (2 if args.profile else 0)
+    overrides[overrides.index(f"trainer.max_steps={args.warmup + args.timed}")] = f"trainer.max_steps={total_steps}"
     cfg = compose_experiment(experiment, overrides, output_dir=f"/tmp/bar_bench/{experiment}_{name}")
     module, datamodule = build_generator_job(cfg)
     randomise_(module.generator)
     timer = StepTimer()
     trainer = build_trainer(cfg, enable_checkpointing=False)
     trainer.callbacks.append(timer)
+    # Profiled steps come after the timed ones (the profiler's own cost stays out of the timings).
+    profiler = StepProfiler(args.warmup + args.timed) if args.profile else None
+    if profiler is not None:
+        trainer.callbacks.append(profiler)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     wall = time.perf_counter() - start
-    timed = timer.durations[args.warmup:]
+    timed = timer.durations[args.warmup : args.warmup + args.timed]
     step = median(timed)
     flops = training_flops_per_sample(module.generator)
     row = {
@@ -96,6 +129,9 @@ def run_variant(experiment: str, name: str, args: argparse.Namespace) -> dict[st
         "wall_s": wall, "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
     }
     row["mfu_vs_measured_bf16"] = row["tflops"] / args.peak_tflops
+    if profiler is not None and profiler.table is not None:
+        row["profile"] = profiler.table
+        print_kernel_table(profiler.table)
     del module, datamodule, trainer
     gc.collect()
     if torch.cuda.is_available():
@@ -113,6 +149,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=6)
     parser.add_argument("--peak-tflops", dest="peak_tflops", type=float, default=790.0,
                         help="dense bf16 matmul rate measured on this GPU (H200 here: ~790)")
+    parser.add_argument("--profile", action="store_true", help="kernel table of two steps after the timed ones")
     parser.add_argument("--override", action="append", default=[])
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -125,7 +162,7 @@ def main() -> None:
             except Exception as error:  # report and go on with the other variants
                 row = {"experiment": experiment, "variant": name, "error": f"{type(error).__name__}: {error}"[:500]}
                 gc.collect()
-            print(row, flush=True)
+            print({k: v for k, v in row.items() if k != "profile"}, flush=True)
             results["rows"].append(row)
             write_results(args.out, results)
     print(f"\ntraining, {results['machine'].get('gpu')}, torch {torch.__version__}, bf16-mixed, AdamW, clip 1.0")

@@ -90,6 +90,7 @@ def test_debug_overlay_is_tiny_and_deterministic():
         ("model.num_heads=5", r"num_heads=5"),
         ("data.source=imagenet", r"data\.source='imagenet'"),
         ("training.randomness_anneal_end=10", r"randomness_anneal_end=10"),
+        ("training.compile_mode=reduce-overhead", r"training\.compile_mode='reduce-overhead' is not offered"),
     ],
 )
 def test_invalid_configs_name_the_key(override, message):

@@ -57,6 +57,9 @@ class OptimConfig:
     fused: bool | None = None  # None: fused AdamW on CUDA, the default kernel elsewhere
 
 
+TRAINING_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class GeneratorTrainingConfig:
     class_label_dropout: float = 0.1
@@ -64,6 +67,9 @@ class GeneratorTrainingConfig:
     randomness_anneal_start: int = 125_000
     randomness_anneal_end: int = 187_500
     compile: bool = False
+    # torch.compile mode of the training forward/backward: "default", or "max-autotune-no-cudagraphs" (Triton GEMM
+    # autotuning: minutes more compilation). Modes with CUDA graphs are not offered: they hold a second memory pool.
+    compile_mode: str = "default"
     preview_every_n_steps: int = 5000
     preview_classes: list[int] = field(default_factory=lambda: [207, 360, 387, 974, 88, 979, 417, 279, 1, 323])
     check_inputs: bool = True
@@ -411,6 +417,10 @@ def validate_train_config(cfg: DictConfig) -> DictConfig:
     training, optim, data = merged.training, merged.optim, merged.data
     if not 0.0 <= training.class_label_dropout < 1.0:
         raise ConfigError(f"training.class_label_dropout={training.class_label_dropout} must be in [0, 1)")
+    if training.compile_mode not in TRAINING_COMPILE_MODES:
+        raise ConfigError(
+            f"training.compile_mode={training.compile_mode!r} is not offered; use one of {TRAINING_COMPILE_MODES}"
+        )
     if training.randomness_anneal_end < training.randomness_anneal_start:
         raise ConfigError(
             f"training.randomness_anneal_end={training.randomness_anneal_end} is before "

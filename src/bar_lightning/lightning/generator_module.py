@@ -76,8 +76,10 @@ class GeneratorModule(L.LightningModule):
 
     # ----------------------------------------------------------------- training
     def configure_model(self) -> None:
-        if self.hparams.training.get("compile", False) and self._compiled_forward is None:
-            self._compiled_forward = torch.compile(self.generator)
+        training = self.hparams.training
+        if training.get("compile", False) and self._compiled_forward is None:
+            mode = training.get("compile_mode", "default")
+            self._compiled_forward = torch.compile(self.generator, mode=None if mode == "default" else mode)
 
     def _loss(self, bits: torch.Tensor, labels: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
         forward = self._compiled_forward if self._compiled_forward is not None and self.training else self.generator

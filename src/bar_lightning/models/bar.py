@@ -459,7 +459,7 @@ class BARGenerator(nn.Module):
         return 1.0 + (guidance_scale - 1.0) * (step / num_steps)
 
     def compile_decode(
-        self, enabled: bool = True, *, fp32_attention: str = "reductions", align_head: bool = True,
+        self, enabled: bool = True, *, fp32_attention: str | None = None, align_head: bool = True,
         values_length_major: bool = False,
     ) -> None:
         """Compile the per-step work of `generate` (both halves of every block and the MBM head) with torch.compile.
@@ -469,10 +469,11 @@ class BARGenerator(nn.Module):
 
         Args:
             fp32_attention: the float32 attention of the new position over the cache (bf16 sampling keeps SDPA,
-                which dispatches to cuDNN). "reductions": two compiled reductions that read K and V once, compiled
-                with a dynamic cache length; "triton": the one-kernel online-softmax version
-                (`bar_lightning.ops.decode_attention`); "sdpa": PyTorch's SDPA, whose float32 kernel pads the single
-                query to a 64-row tile and ran 3-5x over the bandwidth floor on an H200.
+                which dispatches to cuDNN). "triton" (the default where Triton is installed): one kernel with an
+                online softmax that streams K and V once (`bar_lightning.ops.decode_attention`), at the bandwidth
+                floor on an H200; "reductions" (the default without Triton): two compiled reductions with a dynamic
+                cache length, ~3x slower; "sdpa": PyTorch's SDPA, whose float32 kernel pads the single query to a
+                64-row tile (5x the floor).
             align_head: run the MBM head's MLPs (odd hidden width 5461) on zero-padded aligned weight copies made
                 once per batch (see `SwiGLU.aligned_weights`).
             values_length_major: with "reductions", store the cached values length-major so that both reductions
@@ -482,6 +483,8 @@ class BARGenerator(nn.Module):
             if _DECODE_FUNCTIONS.pop(self, None) is not None:
                 drop_captured_generations(self)
             return
+        if fp32_attention is None:
+            fp32_attention = "triton" if decode_attention_kernel.has_triton() else "reductions"
         if fp32_attention not in FP32_DECODE_ATTENTION:
             raise ValueError(
                 f"fp32_attention={fp32_attention!r} is not a decode attention; use one of {FP32_DECODE_ATTENTION}"

@@ -39,46 +39,49 @@ if triton is not None:
         k_stride_row, k_stride_head, k_stride_pos, k_stride_dim,
         v_stride_row, v_stride_head, v_stride_pos, v_stride_dim,
         out_stride_row, out_stride_head, out_stride_dim,
-        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1).to(tl.int64)
-        dims = tl.arange(0, HEAD_DIM)
+        dims = tl.arange(0, BLOCK_DIM)  # BLOCK_DIM: HEAD_DIM rounded up to a power of two (Triton's block sizes)
+        in_head = dims < HEAD_DIM
         positions = tl.arange(0, BLOCK)
         # The scale is folded with log2(e) so the softmax can use exp2; scores are then in log2 units.
-        query = tl.load(q_ptr + row * q_stride_row + head * q_stride_head + dims * q_stride_dim).to(tl.float32)
+        query = tl.load(q_ptr + row * q_stride_row + head * q_stride_head + dims * q_stride_dim, mask=in_head, other=0.0)
         query = query * scale_log2
         k_base = k_ptr + row * k_stride_row + head * k_stride_head
         v_base = v_ptr + row * v_stride_row + head * v_stride_head
         running_max = tl.full((), float("-inf"), tl.float32)
         running_sum = tl.zeros((), tl.float32)
-        accumulated = tl.zeros((HEAD_DIM,), tl.float32)
+        accumulated = tl.zeros((BLOCK_DIM,), tl.float32)
         for block in range(0, tl.cdiv(length, BLOCK)):
             position = block * BLOCK + positions
             valid = position < length
             keys = tl.load(
-                k_base + position[:, None] * k_stride_pos + dims[None, :] * k_stride_dim, mask=valid[:, None], other=0.0
-            )  # [BLOCK, HEAD_DIM]
+                k_base + position[:, None] * k_stride_pos + dims[None, :] * k_stride_dim,
+                mask=valid[:, None] & in_head[None, :], other=0.0,
+            )  # [BLOCK, BLOCK_DIM]
             scores = tl.sum(keys * query[None, :], axis=1)  # [BLOCK]
             scores = tl.where(valid, scores, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(scores, axis=0))
             weights = tl.exp2(scores - new_max)  # [BLOCK], 0 at invalid positions
             correction = tl.exp2(running_max - new_max)  # 0 on the first block (running_max = -inf)
             values = tl.load(
-                v_base + position[:, None] * v_stride_pos + dims[None, :] * v_stride_dim, mask=valid[:, None], other=0.0
-            )  # [BLOCK, HEAD_DIM]
+                v_base + position[:, None] * v_stride_pos + dims[None, :] * v_stride_dim,
+                mask=valid[:, None] & in_head[None, :], other=0.0,
+            )  # [BLOCK, BLOCK_DIM]
             running_sum = running_sum * correction + tl.sum(weights, axis=0)
             accumulated = accumulated * correction + tl.sum(weights[:, None] * values, axis=0)
             running_max = new_max
         out = accumulated / running_sum
-        tl.store(out_ptr + row * out_stride_row + head * out_stride_head + dims * out_stride_dim, out)
+        tl.store(out_ptr + row * out_stride_row + head * out_stride_head + dims * out_stride_dim, out, mask=in_head)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Attention of `q [R, H, 1, hd]` over `k, v [R, H, L, hd]` (any strides, e.g. views of a KV cache).
 
-    Float32 only (the sampler's default precision); `hd` must be a power of two. Launch parameters depend only on
-    the shapes and `L`, so the call can be captured in a CUDA graph.
+    Float32 only (the sampler's default precision), any head dimension. Launch parameters depend only on the shapes
+    and `L`, so the call can be captured in a CUDA graph.
     """
     rows, heads, queries, head_dim = q.shape
     length = k.shape[2]
@@ -86,8 +89,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         raise ValueError(f"decode_attention takes one query per row and head, got {queries}")
     if not (q.dtype == k.dtype == v.dtype == torch.float32):
         raise ValueError(f"decode_attention is the float32 kernel; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if head_dim & (head_dim - 1):
-        raise ValueError(f"decode_attention needs a power-of-two head dimension, got {head_dim}")
     if k.shape != (rows, heads, length, head_dim) or v.shape != k.shape:
         raise ValueError(f"keys {tuple(k.shape)} / values {tuple(v.shape)} do not match queries {tuple(q.shape)}")
     if length == 0:
@@ -102,6 +103,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
         out.stride(0), out.stride(1), out.stride(3),
-        HEAD_DIM=head_dim, BLOCK=BLOCK_POSITIONS, num_warps=4,
+        HEAD_DIM=head_dim, BLOCK_DIM=triton.next_power_of_2(head_dim), BLOCK=BLOCK_POSITIONS, num_warps=4,
     )
     return out
