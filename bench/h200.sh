@@ -44,7 +44,7 @@ case "${1:-sampling}" in
     # with the eager loop, end to end with the decoder, and the compiled training step with its kernel profile.
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_sampling.py 2>&1 | tail -6 | tee "$OUT/gpu_tests.log"
     cd bench
-    timeout 120 python3 sampling.py --experiment bar_b --variants eager,graph+compile --check --decoder \
+    timeout 150 python3 sampling.py --experiment bar_b --variants eager,graph+compile --check --decoder \
       --out "$OUT/sampling_bar_b.json" 2>&1 | quiet | tail -6
     for e in bar_b_patch2 bar_b_patch4; do
       timeout 50 python3 sampling.py --experiment $e --variants eager,graph+compile --check \
