@@ -4,14 +4,14 @@ Why hand-written: PyTorch's SDPA has no float32 decode kernel (its float32 memor
 to a 64-row tile and ran 3-5x over the bandwidth floor on the H200), the flash / cuDNN kernels take 16-bit inputs
 only, and the compiled two-reduction version (`models.bar.fused_decode_attention`) reads the values along a strided
 dimension. Here one program per (row, head) streams its keys and values once, in blocks of cache positions, with an
-online softmax in float32 (no TF32: the products are float32 FMAs, like the reference kernel's).
+online softmax in float32 (no TF32: the products are float32 multiply-adds).
 """
 
 from __future__ import annotations
 
 import torch
 
-try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs fall back to `reference_decode_attention`.
+try:  # Triton ships with CUDA builds of PyTorch; without it, `compile_decode` picks the compiled reductions.
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the installation
