@@ -114,14 +114,28 @@ def test_checkpoint_reloads_without_arguments(tiny_fit):
     assert torch.equal(a, b)
 
 
-def test_non_finite_loss_stops_with_the_step(tiny_fit):
+def test_non_finite_loss_stops_before_the_optimiser_step_naming_the_step(tiny_fit):
+    # Through the Trainer: tests/test_non_finite_loss.py. Here the accumulation of the check across micro-batches.
     _, module, *_ = tiny_fit
-    module.train()
-    with torch.no_grad():
-        module.generator.input_merge.weight.fill_(float("nan"))
-    batch = {"bits": torch.zeros(2, 64, dtype=torch.long), "label": torch.tensor([0, 1])}
-    with pytest.raises(FloatingPointError, match="global step"):
-        module.training_step(batch, 0)
+    module._note_loss(torch.tensor(0.7))
+    module.on_before_optimizer_step(None)  # all finite: the step goes on and the check is cleared
+    assert module._pending_loss_check is None
+    module._note_loss(torch.tensor(0.7))
+    module._note_loss(torch.tensor(float("nan")))  # one bad micro-batch of three under gradient accumulation
+    module._note_loss(torch.tensor(0.6))
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss nan at global step \d+; the last saved"):
+        module.on_before_optimizer_step(None)
+    assert module._pending_loss_check is None
+
+
+def test_bad_batches_are_rejected_on_the_host_before_the_copy_to_the_device(tiny_fit):
+    _, module, *_ = tiny_fit
+    good = {"bits": torch.zeros(2, 64, dtype=torch.long), "label": torch.tensor([0, 1])}
+    assert module.on_before_batch_transfer(good, 0) is good
+    with pytest.raises(ValueError, match="bits must be 0 or 1; found 2"):
+        module.on_before_batch_transfer({**good, "bits": torch.full((2, 64), 2)}, 0)
+    with pytest.raises(ValueError, match="class label 99 is out of range"):
+        module.on_before_batch_transfer({**good, "label": torch.tensor([0, 99])}, 0)
 
 
 def test_fused_adamw_under_bf16_autocast_clips_the_global_gradient_norm(tmp_path):

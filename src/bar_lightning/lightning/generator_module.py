@@ -73,6 +73,8 @@ class GeneratorModule(L.LightningModule):
         self.generator = BARGenerator(**model)
         self.random_ratio = random_order_ratio(0, training["randomness_anneal_start"], training["randomness_anneal_end"])
         self._compiled_forward = None
+        # (all losses finite, the non-finite loss to report) since the last optimiser step, kept on the device.
+        self._pending_loss_check: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ----------------------------------------------------------------- training
     def configure_model(self) -> None:
@@ -85,14 +87,15 @@ class GeneratorModule(L.LightningModule):
         forward = self._compiled_forward if self._compiled_forward is not None and self.training else self.generator
         return forward(bits, labels, orders)
 
-    def _check_batch(self, bits: torch.Tensor, labels: torch.Tensor) -> None:
-        if self.hparams.training.get("check_inputs", True):
-            self.generator.check_bits(bits)
-            self.generator.check_labels(labels)
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Checked on the host before the copy: the same check of device tensors would stall every step on a sync.
+        if self.hparams.training.get("check_inputs", True) and isinstance(batch, dict):
+            self.generator.check_bits(batch["bits"])
+            self.generator.check_labels(batch["label"])
+        return batch
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         bits, labels = batch["bits"], batch["label"]
-        self._check_batch(bits, labels)
         training = self.hparams.training
         self.random_ratio = random_order_ratio(
             self.global_step, training["randomness_anneal_start"], training["randomness_anneal_end"]
@@ -102,20 +105,35 @@ class GeneratorModule(L.LightningModule):
         dropped = torch.rand(labels.shape[0], device=labels.device) < training["class_label_dropout"]
         labels = torch.where(dropped, torch.full_like(labels, NULL_LABEL), labels)
         loss = self._loss(bits, labels, orders)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss {loss.item()} at global step {self.global_step}; the last saved checkpoint "
-                "is kept. Lower optim.learning_rate or check the data."
-            )
+        self._note_loss(loss)
         batch_size = bits.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/random_ratio", self.random_ratio, batch_size=batch_size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
         return loss
 
+    def _note_loss(self, loss: torch.Tensor) -> None:
+        """Remember on the device whether every loss since the last optimiser step was finite (no host sync here)."""
+        loss = loss.detach()
+        finite = torch.isfinite(loss)
+        if self._pending_loss_check is None:
+            self._pending_loss_check = (finite, loss)
+        else:
+            all_finite, reported = self._pending_loss_check
+            self._pending_loss_check = (all_finite & finite, torch.where(finite, reported, loss))
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # One host read per optimiser step, after the backward pass has been queued; raising here skips the step,
+        # so the weights in memory and every saved checkpoint stay finite.
+        pending, self._pending_loss_check = self._pending_loss_check, None
+        if pending is not None and not bool(pending[0]):
+            raise FloatingPointError(
+                f"non-finite training loss {pending[1].item()} at global step {self.global_step}; the last saved "
+                "checkpoint is kept. Lower optim.learning_rate or check the data."
+            )
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         bits, labels = batch["bits"], batch["label"]
-        self._check_batch(bits, labels)
         # Fixed masks per batch index so validation losses are comparable across steps.
         generator = torch.Generator(device=bits.device).manual_seed(10_000 + batch_idx)
         loss = self.generator(bits, labels, None, generator=generator)

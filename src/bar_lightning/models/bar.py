@@ -613,8 +613,8 @@ class BARGenerator(nn.Module):
         targets = torch.cat([orders[:, 1:], orders[:, -1:]], dim=1)
         cache_dtype = torch.bfloat16 if settings.precision == "bf16" else self.pos_embed.dtype
         attention = F.scaled_dot_product_attention
-        if decode.fp32_attention is not None and settings.precision == "fp32" and device.type == "cuda":
-            attention = decode.fp32_attention
+        if decode.fp32_attention is not None and cache_dtype == torch.float32 and device.type == "cuda":
+            attention = decode.fp32_attention  # a model cast to 16-bit weights keeps SDPA (flash / cuDNN)
         cache = StaticKVCache(
             num_layers=len(self.blocks), batch=rows, num_heads=self.num_heads, max_len=prefix + steps - 1,
             head_dim=self.hidden_size // self.num_heads, dtype=cache_dtype, device=device,
