@@ -501,16 +501,16 @@ class BARGenerator(nn.Module):
         compiled_head = None
         if isinstance(self.lm_head, MaskBitModelingHead):
             compiled_head = torch.compile(self.lm_head.logits, dynamic=False)
-        attention = {
-            "sdpa": None,
-            "reductions": lambda: torch.compile(fused_decode_attention, dynamic=True),
-            "triton": lambda: decode_attention_kernel.decode_attention,
-        }[fp32_attention]
+        attention = None  # "sdpa"
+        if fp32_attention == "reductions":
+            attention = torch.compile(fused_decode_attention, dynamic=True)
+        elif fp32_attention == "triton":
+            attention = decode_attention_kernel.decode_attention
         _DECODE_FUNCTIONS[self] = DecodeFunctions(
             attention_inputs=torch.compile(Block.attention_inputs, dynamic=False),
             finish=torch.compile(Block.finish, dynamic=False),
             head_logits=compiled_head,
-            fp32_attention=attention() if attention is not None else None,
+            fp32_attention=attention,
             fp32_attention_name=fp32_attention,
             align_head=align_head,
             values_length_major=values_length_major,
