@@ -128,6 +128,24 @@ def test_non_finite_loss_stops_before_the_optimiser_step_naming_the_step(tiny_fi
     assert module._pending_loss_check is None
 
 
+def test_the_training_step_is_compiled_by_default_on_gpus_only_outside_fsdp(tiny_fit):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    _, module, *_ = tiny_fit
+    previous = module._trainer
+    try:
+        for device, expected in (("cuda", True), ("cpu", False)):
+            module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+            assert module.compile_training_step(None) is expected
+            assert module.compile_training_step(False) is False and module.compile_training_step(True) is True
+        module._trainer = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy))
+        assert module.compile_training_step(None) is False
+    finally:
+        module._trainer = previous
+
+
 def test_bad_batches_are_rejected_on_the_host_before_the_copy_to_the_device(tiny_fit):
     _, module, *_ = tiny_fit
     good = {"bits": torch.zeros(2, 64, dtype=torch.long), "label": torch.tensor([0, 1])}

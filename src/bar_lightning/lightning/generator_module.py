@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch.optim.lr_scheduler import LambdaLR
 
 from bar_lightning.models.bar import NULL_LABEL, BARGenerator
@@ -79,9 +80,18 @@ class GeneratorModule(L.LightningModule):
     # ----------------------------------------------------------------- training
     def configure_model(self) -> None:
         training = self.hparams.training
-        if training.get("compile", False) and self._compiled_forward is None:
+        if self._compiled_forward is None and self.compile_training_step(training.get("compile")):
             mode = training.get("compile_mode", "default")
             self._compiled_forward = torch.compile(self.generator, mode=None if mode == "default" else mode)
+
+    def compile_training_step(self, setting: bool | None) -> bool:
+        """`training.compile`, with None resolved for this run: compiled on CUDA devices except under FSDP."""
+        if setting is not None:
+            return bool(setting)
+        if self._trainer is None:
+            return False
+        strategy = self.trainer.strategy
+        return not isinstance(strategy, FSDPStrategy) and strategy.root_device.type == "cuda"
 
     def _loss(self, bits: torch.Tensor, labels: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
         forward = self._compiled_forward if self._compiled_forward is not None and self.training else self.generator
