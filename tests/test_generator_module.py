@@ -146,6 +146,18 @@ def test_the_training_step_is_compiled_by_default_on_gpus_only_outside_fsdp(tiny
         module._trainer = previous
 
 
+def test_a_compiled_step_saves_the_same_state_as_an_eager_one(tmp_path):
+    cfg = validate_train_config(compose_train(["experiment=tiny_generator", "training.compile=true"], tmp_path))
+    module, _ = build_generator_job(cfg)
+    eager_keys = set(module.state_dict())
+    module.configure_model()
+    assert module._compiled_forward is not None
+    assert set(module.state_dict()) == eager_keys  # no second copy under `_compiled_forward._orig_mod.`
+    assert "_compiled_forward" not in dict(module.named_children())
+    fresh, _ = build_generator_job(validate_train_config(compose_train(["experiment=tiny_generator"], tmp_path)))
+    fresh.load_state_dict(module.state_dict())  # strict: a compiled run's checkpoint loads into an eager module
+
+
 def test_bad_batches_are_rejected_on_the_host_before_the_copy_to_the_device(tiny_fit):
     _, module, *_ = tiny_fit
     good = {"bits": torch.zeros(2, 64, dtype=torch.long), "label": torch.tensor([0, 1])}

@@ -82,7 +82,10 @@ class GeneratorModule(L.LightningModule):
         training = self.hparams.training
         if self._compiled_forward is None and self.compile_training_step(training.get("compile")):
             mode = training.get("compile_mode", "default")
-            self._compiled_forward = torch.compile(self.generator, mode=None if mode == "default" else mode)
+            compiled = torch.compile(self.generator, mode=None if mode == "default" else mode)
+            # Not registered as a submodule: it wraps `self.generator`, whose weights would be saved twice (under
+            # `_compiled_forward._orig_mod.`) and then fail to load into an uncompiled module.
+            object.__setattr__(self, "_compiled_forward", compiled)
 
     def compile_training_step(self, setting: bool | None) -> bool:
         """`training.compile`, with None resolved for this run: compiled on CUDA devices except under FSDP."""
