@@ -66,7 +66,7 @@ class StepProfiler(L.Callback):
         self.table: dict[str, Any] | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
-        if batch_idx == self.first_step:
+        if trainer.global_step == self.first_step:
             from torch.profiler import ProfilerActivity, profile
 
             activities = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]
@@ -74,7 +74,8 @@ class StepProfiler(L.Callback):
             self.profiler.__enter__()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        if batch_idx == self.last_step and self.profiler is not None:
+        # global_step has counted the step that just ended.
+        if trainer.global_step == self.last_step + 1 and self.profiler is not None:
             synchronize()
             self.profiler.__exit__(None, None, None)
             self.table = kernel_table(self.profiler, torch.cuda.is_available())
@@ -95,14 +96,13 @@ def training_flops_per_sample(model: Any) -> float:
 def run_variant(experiment: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
     trainer_choice = [] if any(o.startswith("trainer=") for o in VARIANTS[name]) else [
         "trainer=gpu" if torch.cuda.is_available() else "trainer=cpu"]
+    total_steps = args.warmup + args.timed + (2 if args.profile else 0)  # profiled steps come after the timed ones
     overrides = [
         *trainer_choice, "data=synthetic_tokens", f"data.batch_size={args.batch}", f"data.num_workers={args.workers}",
-        "data.pin_memory=true", "data.synthetic_num_samples=4096", f"trainer.max_steps={args.warmup + args.timed}",
+        "data.pin_memory=true", "data.synthetic_num_samples=4096", f"trainer.max_steps={total_steps}",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=50",
         *VARIANTS[name], *args.override,
     ]
-    total_steps = args.warmup + args.timed + (2 if args.profile else 0)
-    overrides[overrides.index(f"trainer.max_steps={args.warmup + args.timed}")] = f"trainer.max_steps={total_steps}"
     cfg = compose_experiment(experiment, overrides, output_dir=f"/tmp/bar_bench/{experiment}_{name}")
     module, datamodule = build_generator_job(cfg)
     randomise_(module.generator)
