@@ -105,13 +105,14 @@ def test_bf16_mode_runs_and_stays_close_to_float32(fixture):
     assert fast.shape == io["gen.g3.bits"].shape and set(fast.unique().tolist()) <= {0, 1}
 
 
+@pytest.mark.parametrize("head_dim", [64, 28])  # BAR's 64, and a dimension that is not a power of two
 @pytest.mark.parametrize("length", [1, 33, 64, 65, 289])
-def test_triton_decode_attention_matches_float64_attention_on_cache_views(length):
+def test_triton_decode_attention_matches_float64_attention_on_cache_views(length, head_dim):
     from bar_lightning.models.bar import StaticKVCache
     from bar_lightning.ops.decode_attention import decode_attention, reference_decode_attention
 
     generator = torch.Generator(device="cuda").manual_seed(length)
-    rows, heads, head_dim = 6, 4, 64
+    rows, heads = 6, 4
     cache = StaticKVCache(num_layers=2, batch=rows, num_heads=heads, max_len=300, head_dim=head_dim,
                           dtype=torch.float32, device=torch.device("cuda"))
     keys, values = (torch.randn(rows, heads, length, head_dim, device="cuda", generator=generator) * 3
