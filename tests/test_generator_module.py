@@ -166,6 +166,10 @@ def test_bad_batches_are_rejected_on_the_host_before_the_copy_to_the_device(tiny
         module.on_before_batch_transfer({**good, "bits": torch.full((2, 64), 2)}, 0)
     with pytest.raises(ValueError, match="class label 99 is out of range"):
         module.on_before_batch_transfer({**good, "label": torch.tensor([0, 99])}, 0)
+    # A DataModule with its own on_before_batch_transfer replaces the module's hook: the step checks the batch then.
+    module._batch_checked_on_host = False
+    with pytest.raises(ValueError, match="bits must be 0 or 1; found 2"):
+        module.validation_step({**good, "bits": torch.full((2, 64), 2)}, 0)
 
 
 def test_fused_adamw_under_bf16_autocast_clips_the_global_gradient_norm(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -12,6 +13,9 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch.optim.lr_scheduler import LambdaLR
 
 from bar_lightning.models.bar import NULL_LABEL, BARGenerator
+
+# Lightning notes that a module's `on_before_batch_transfer` is used beside a DataModule: that is the intent here.
+warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule` but")
 
 
 def random_order_ratio(step: int, anneal_start: int, anneal_end: int) -> float:
@@ -76,6 +80,7 @@ class GeneratorModule(L.LightningModule):
         self._compiled_forward = None
         # (all losses finite, the non-finite loss to report) since the last optimiser step, kept on the device.
         self._pending_loss_check: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._batch_checked_on_host = False  # set by on_before_batch_transfer, read by the next step
 
     # ----------------------------------------------------------------- training
     def configure_model(self) -> None:
@@ -102,12 +107,25 @@ class GeneratorModule(L.LightningModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Checked on the host before the copy: the same check of device tensors would stall every step on a sync.
-        if self.hparams.training.get("check_inputs", True) and isinstance(batch, dict):
-            self.generator.check_bits(batch["bits"])
-            self.generator.check_labels(batch["label"])
+        if isinstance(batch, dict):
+            self._check_batch(batch)
+            self._batch_checked_on_host = True
         return batch
 
+    def _check_batch(self, batch: dict[str, Any]) -> None:
+        if self.hparams.training.get("check_inputs", True):
+            self.generator.check_bits(batch["bits"])
+            self.generator.check_labels(batch["label"])
+
+    def _check_batch_unless_done_on_host(self, batch: dict[str, Any]) -> None:
+        # A DataModule that overrides `on_before_batch_transfer` replaces this module's hook (Lightning calls one of
+        # the two): the batch is then checked here, on the device.
+        if not self._batch_checked_on_host:
+            self._check_batch(batch)
+        self._batch_checked_on_host = False
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        self._check_batch_unless_done_on_host(batch)
         bits, labels = batch["bits"], batch["label"]
         training = self.hparams.training
         self.random_ratio = random_order_ratio(
@@ -146,6 +164,7 @@ class GeneratorModule(L.LightningModule):
             )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        self._check_batch_unless_done_on_host(batch)
         bits, labels = batch["bits"], batch["label"]
         # Fixed masks per batch index so validation losses are comparable across steps.
         generator = torch.Generator(device=bits.device).manual_seed(10_000 + batch_idx)
