@@ -26,9 +26,9 @@ case "${1:-sampling}" in
     cd bench
     timeout 150 python3 training.py --experiments bar_b --variants compile --profile \
       --out "$OUT/training_bar_b.json" 2>&1 | quiet | tail -32
-    timeout 110 python3 training.py --experiments bar_b_patch4 --variants compile \
+    timeout 130 python3 training.py --experiments bar_b_patch4 --variants compile \
       --out "$OUT/training_bar_b_patch4.json" 2>&1 | quiet | tail -4
-    timeout 300 python3 training.py --experiments bar_b --variants compile+max_autotune \
+    timeout 290 python3 training.py --experiments bar_b --variants compile+max_autotune \
       --out "$OUT/training_bar_b_autotune.json" 2>&1 | quiet | tail -4
     ;;
   strategies)
