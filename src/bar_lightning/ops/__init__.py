@@ -1,1 +1,1 @@
-"""Hand-written GPU kernels for work no library covers (each with a pure PyTorch reference it is tested against)."""
+"""Hand-written GPU kernels for work no library covers (each tested against the plain PyTorch version it replaces)."""

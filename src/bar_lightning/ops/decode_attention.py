@@ -24,12 +24,6 @@ def has_triton() -> bool:
     return triton is not None
 
 
-def reference_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """What the kernel computes, in plain PyTorch: softmax(q k^T / sqrt(hd)) v for one query per row and head."""
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [R, H, 1, L]
-    return torch.softmax(scores, dim=-1) @ v  # [R, H, 1, hd]
-
-
 if triton is not None:
 
     @triton.jit
@@ -79,6 +73,8 @@ if triton is not None:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Attention of `q [R, H, 1, hd]` over `k, v [R, H, L, hd]` (any strides, e.g. views of a KV cache).
+
+    The same function as `models.bar.fused_decode_attention` (the plain PyTorch version it is tested against).
 
     Float32 only (the sampler's default precision), any head dimension. Launch parameters depend only on the shapes
     and `L`, so the call can be captured in a CUDA graph.
