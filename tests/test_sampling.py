@@ -246,6 +246,38 @@ def test_aligned_swiglu_weights_compute_the_same_function():
     assert SwiGLU(48, 40).aligned_weights() is None
 
 
+def test_padded_head_mlps_train_with_the_same_loss_and_gradients():
+    # training.align_head_matmuls (the GPU default): the gradients reach the real weights through the padding.
+    torch.manual_seed(0)
+    head = MaskBitModelingHead(bits_per_step=6, width=34, num_layers=2)  # MLP hidden int(2/3 * 136) = 90: unaligned
+    assert head.transformer[0].mlp.w3.in_features % 8 != 0 and head.aligned_mlp_weights() is not None
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.normal_(0.0, 0.2)
+    bits = torch.randint(0, 2, (10, 6))
+    conditions = torch.randn(10, 1, 34)
+
+    hidden_widths = []  # hidden width each MLP call ran with
+    head.transformer[0].mlp.register_forward_pre_hook(
+        lambda module, args: hidden_widths.append(module.w3.in_features if args[1] is None else args[1].w3.shape[1])
+    )
+
+    def loss_and_grads(align):
+        head.zero_grad()
+        loss = head.loss(bits, conditions, torch.Generator().manual_seed(3), align_matmuls=align)
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in head.named_parameters() if p.grad is not None}
+
+    plain_loss, plain_grads = loss_and_grads(False)
+    padded_loss, padded_grads = loss_and_grads(True)
+    assert hidden_widths == [90, 96]
+    torch.testing.assert_close(padded_loss, plain_loss, rtol=1e-5, atol=1e-6)
+    assert padded_grads.keys() == plain_grads.keys() and "transformer.0.mlp.w12.weight" in padded_grads
+    for name, grad in plain_grads.items():
+        assert padded_grads[name].shape == grad.shape
+        torch.testing.assert_close(padded_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_fused_decode_attention_equals_sdpa_on_a_cache_slice():
     cache = torch.randn(2, 4, 3, 20, 16)  # [k/v, rows, heads, max_len, hd]
     q = torch.randn(4, 3, 1, 16)

@@ -440,15 +440,22 @@ class BARGenerator(nn.Module):
         labels: torch.Tensor,
         orders: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        align_head_matmuls: bool = False,
     ) -> torch.Tensor:
-        """Training loss of the head on every AR step (teacher forcing)."""
+        """Training loss of the head on every AR step (teacher forcing).
+
+        `align_head_matmuls`: run the MBM head's MLPs with their hidden width padded to a multiple of 8 (5461 ->
+        5464 in the released models): the same loss, with aligned matrix products on GPUs (ignored by the linear
+        head).
+        """
         if orders is None:
             orders = self.raster_orders(bits.shape[0], bits.device)
         latents = self.latent_conditions(bits, labels, orders)[:, :-1]  # [B, L, W]
         step_bits = self.tokens_to_steps(bits).gather(1, orders.unsqueeze(-1).expand(-1, -1, self.bits_per_step))
-        return self.lm_head.loss(
-            step_bits.reshape(-1, self.bits_per_step), latents.reshape(-1, 1, self.head_width), generator
-        )
+        step_bits, latents = step_bits.reshape(-1, self.bits_per_step), latents.reshape(-1, 1, self.head_width)
+        if isinstance(self.lm_head, MaskBitModelingHead):
+            return self.lm_head.loss(step_bits, latents, generator, align_matmuls=align_head_matmuls)
+        return self.lm_head.loss(step_bits, latents, generator)
 
     # ------------------------------------------------------------------ sampling
     @staticmethod

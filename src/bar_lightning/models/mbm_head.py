@@ -172,11 +172,19 @@ class MaskBitModelingHead(nn.Module):
             return (ce * weights).sum() / (weights.sum() + 1e-8)
 
     def loss(
-        self, target_bits: torch.Tensor, conditions: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        target_bits: torch.Tensor,
+        conditions: torch.Tensor,
+        generator: torch.Generator | None = None,
+        align_matmuls: bool = False,
     ) -> torch.Tensor:
-        """Training loss for `target_bits [N, C]` given `conditions [N, 1, W]`."""
+        """Training loss for `target_bits [N, C]` given `conditions [N, 1, W]`.
+
+        `align_matmuls` runs the MLPs on zero-padded copies of their weights (`aligned_mlp_weights`): the same
+        function, with aligned matrix products on GPUs; the gradients flow back through the padding to the weights.
+        """
         masked_ids, is_masked, mask_ratio = self.mask_bits(target_bits, generator)
-        logits = self.logits(masked_ids, conditions, mask_ratio)
+        logits = self.logits(masked_ids, conditions, mask_ratio, self.aligned_mlp_weights() if align_matmuls else None)
         return self.weighted_bit_loss(logits, target_bits, is_masked)
 
     @torch.no_grad()
