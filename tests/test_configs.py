@@ -90,13 +90,36 @@ def test_debug_overlay_is_tiny_and_deterministic():
         ("model.num_heads=5", r"num_heads=5"),
         ("data.source=imagenet", r"data\.source='imagenet'"),
         ("training.randomness_anneal_end=10", r"randomness_anneal_end=10"),
-        ("training.compile_mode=reduce-overhead", r"training\.compile_mode='reduce-overhead' is not offered"),
+        ("training.compile_mode=fastest", r"training\.compile_mode='fastest' is not offered"),
+        ("+training.compile_options.cpp_wraper=true", r"unknown Inductor option\(s\) \['cpp_wraper'\]"),
     ],
 )
 def test_invalid_configs_name_the_key(override, message):
     cfg = compose_train(["experiment=bar_b", override])
     with pytest.raises(ConfigError, match=message):
         validate_train_config(cfg)
+
+
+def test_compile_options_are_flattened_and_exclude_a_compile_mode():
+    from bar_lightning.config.schema import compiles_with_cuda_graphs, inductor_options
+
+    cfg = validate_train_config(compose_train(
+        ["experiment=bar_b", "+training.compile_options.triton.cudagraphs=true",
+         "+training.compile_options.coordinate_descent_tuning=true"]
+    ))
+    options = inductor_options(cfg.training.compile_options)
+    assert options == {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
+    assert compiles_with_cuda_graphs("default", options) and compiles_with_cuda_graphs("reduce-overhead", {})
+    assert not compiles_with_cuda_graphs("default", {"coordinate_descent_tuning": True})
+    # CUDA graphs would overwrite accumulated gradients (seen on an H200: "accessing tensor output of CUDAGraphs
+    # that has been overwritten by a subsequent run").
+    for graphs in ("training.compile_mode=reduce-overhead", "+training.compile_options.triton.cudagraphs=true"):
+        with pytest.raises(ConfigError, match=r"cannot accumulate gradients.*accumulate_grad_batches=2"):
+            validate_train_config(compose_train(["experiment=bar_b", graphs, "trainer.accumulate_grad_batches=2"]))
+    with pytest.raises(ConfigError, match=r"compile_mode='reduce-overhead' are both set"):
+        validate_train_config(compose_train(
+            ["experiment=bar_b", "training.compile_mode=reduce-overhead", "+training.compile_options.cpp_wrapper=true"]
+        ))
 
 
 def test_linear_head_config_switch_keeps_the_backbone():

@@ -146,6 +146,27 @@ def test_the_training_step_is_compiled_by_default_on_gpus_only_outside_fsdp(tiny
         module._trainer = previous
 
 
+def test_the_compiled_step_uses_cuda_graphs_by_default_on_one_device_only(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    def resolved(overrides, strategy, accumulate_grad_batches=1):
+        cfg = validate_train_config(compose_train(["experiment=tiny_generator", *overrides], tmp_path))
+        module, _ = build_generator_job(cfg)
+        module._trainer = SimpleNamespace(strategy=strategy, accumulate_grad_batches=accumulate_grad_batches)
+        return module.training_compile_mode()
+
+    one_device = SingleDeviceStrategy(torch.device("cpu"))
+    ddp = DDPStrategy.__new__(DDPStrategy)
+    assert resolved([], one_device) == "reduce-overhead"
+    assert resolved([], one_device, accumulate_grad_batches=2) == "default"
+    assert resolved([], ddp) == "default"
+    assert resolved(["+training.compile_options.cpp_wrapper=true"], one_device) == "default"
+    assert resolved(["training.compile_mode=default"], one_device) == "default"
+    assert resolved(["training.compile_mode=max-autotune-no-cudagraphs"], ddp) == "max-autotune-no-cudagraphs"
+
+
 def test_a_compiled_step_saves_the_same_state_as_an_eager_one(tmp_path):
     cfg = validate_train_config(compose_train(["experiment=tiny_generator", "training.compile=true"], tmp_path))
     module, _ = build_generator_job(cfg)

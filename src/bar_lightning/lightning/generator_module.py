@@ -9,9 +9,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
 from torch.optim.lr_scheduler import LambdaLR
 
+from bar_lightning.config.schema import compiles_with_cuda_graphs, inductor_options
 from bar_lightning.models.bar import NULL_LABEL, BARGenerator
 
 # Lightning notes that a module's `on_before_batch_transfer` is used beside a DataModule: that is the intent here.
@@ -78,6 +79,7 @@ class GeneratorModule(L.LightningModule):
         self.generator = BARGenerator(**model)
         self.random_ratio = random_order_ratio(0, training["randomness_anneal_start"], training["randomness_anneal_end"])
         self._compiled_forward = None
+        self._compiled_with_cuda_graphs = False
         # (all losses finite, the non-finite loss to report) since the last optimiser step, kept on the device.
         self._pending_loss_check: tuple[torch.Tensor, torch.Tensor] | None = None
         self._batch_checked_on_host = False  # set by on_before_batch_transfer, read by the next step
@@ -86,8 +88,10 @@ class GeneratorModule(L.LightningModule):
     def configure_model(self) -> None:
         training = self.hparams.training
         if self._compiled_forward is None and self.compile_training_step(training.get("compile")):
-            mode = training.get("compile_mode", "default")
-            compiled = torch.compile(self.generator, mode=None if mode == "default" else mode)
+            mode = self.training_compile_mode()
+            options = inductor_options(training.get("compile_options"))
+            compiled = torch.compile(self.generator, mode=None if mode == "default" else mode, options=options or None)
+            self._compiled_with_cuda_graphs = compiles_with_cuda_graphs(mode, options)
             # Not registered as a submodule: it wraps `self.generator`, whose weights would be saved twice (under
             # `_compiled_forward._orig_mod.`) and then fail to load into an uncompiled module.
             object.__setattr__(self, "_compiled_forward", compiled)
@@ -101,9 +105,31 @@ class GeneratorModule(L.LightningModule):
         strategy = self.trainer.strategy
         return not isinstance(strategy, FSDPStrategy) and strategy.root_device.type == "cuda"
 
+    def training_compile_mode(self) -> str:
+        """`training.compile_mode`, with None resolved for this run: CUDA graphs ("reduce-overhead") for one device
+        without gradient accumulation, "default" otherwise or when `training.compile_options` are given."""
+        training = self.hparams.training
+        mode = training.get("compile_mode")
+        if mode is not None:
+            return mode
+        if inductor_options(training.get("compile_options")) or self._trainer is None:
+            return "default"
+        # A replay reuses its output memory, so gradients of one micro-batch would be overwritten by the next.
+        one_device = isinstance(self.trainer.strategy, SingleDeviceStrategy)
+        return "reduce-overhead" if one_device and self.trainer.accumulate_grad_batches == 1 else "default"
+
+    def align_head_matmuls(self, device: torch.device) -> bool:
+        """`training.align_head_matmuls`, with None resolved: on for CUDA devices."""
+        setting = self.hparams.training.get("align_head_matmuls")
+        return device.type == "cuda" if setting is None else bool(setting)
+
     def _loss(self, bits: torch.Tensor, labels: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
-        forward = self._compiled_forward if self._compiled_forward is not None and self.training else self.generator
-        return forward(bits, labels, orders)
+        compiled = self._compiled_forward is not None and self.training
+        forward = self._compiled_forward if compiled else self.generator
+        cuda_graphs = compiled and self._compiled_with_cuda_graphs
+        loss = forward(bits, labels, orders, None, self.align_head_matmuls(bits.device))
+        # A graph output lives in memory that the next replay overwrites; the logged loss needs its own copy.
+        return loss.clone() if cuda_graphs else loss
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Checked on the host before the copy: the same check of device tensors would stall every step on a sync.
