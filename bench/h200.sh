@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The H200 benchmark session, one device call per part; JSON and logs under $OUT.
-#   bash bench/h200.sh sampling | training | strategies | final | memory | diagnose
+#   bash bench/h200.sh sampling | training | graphs | strategies | final | memory | diagnose
 # Needs the wheels of ../shared/tools/device-wheels.sh in .whl (Hydra, webdataset, torch-fidelity).
 set -uo pipefail
 OUT=${OUT:-/tmp/bench_out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 BAR_PROGRESS=0 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
+[ -f .inductor_cache.tgz ] && tar -C /tmp -xzf .inductor_cache.tgz && echo "inductor cache restored"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
 quiet() { grep -v -i -e warn -e "^ *return F" -e "^ *warnings" ; }
@@ -14,22 +15,34 @@ case "${1:-sampling}" in
   sampling)
     timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_sampling.py 2>&1 | tail -8 | tee "$OUT/gpu_tests.log"
     cd bench
-    timeout 260 python3 sampling.py --experiment bar_b --variants graph+compile,graph+compile+triton_attention,graph+compile+bf16 \
-      --profile --profile-variant graph+compile+triton_attention --out "$OUT/sampling_bar_b.json" 2>&1 | quiet | tail -40
-    timeout 100 python3 sampling.py --experiment bar_b_patch2 --variants graph+compile,graph+compile+triton_attention,graph+compile+bf16 \
-      --profile --profile-variant graph+compile+triton_attention --out "$OUT/sampling_bar_b_patch2.json" 2>&1 | quiet | tail -36
-    timeout 70 python3 sampling.py --experiment bar_b_patch4 --variants graph+compile,graph+compile+triton_attention,graph+compile+bf16 \
+    timeout 260 python3 sampling.py --experiment bar_b --variants graph+compile,graph+compile+reductions_attention,graph+compile+bf16 \
+      --profile --profile-variant graph+compile --out "$OUT/sampling_bar_b.json" 2>&1 | quiet | tail -40
+    timeout 100 python3 sampling.py --experiment bar_b_patch2 --variants graph+compile,graph+compile+reductions_attention,graph+compile+bf16 \
+      --profile --profile-variant graph+compile --out "$OUT/sampling_bar_b_patch2.json" 2>&1 | quiet | tail -36
+    timeout 70 python3 sampling.py --experiment bar_b_patch4 --variants graph+compile,graph+compile+reductions_attention,graph+compile+bf16 \
       --out "$OUT/sampling_bar_b_patch4.json" 2>&1 | quiet | tail -5
     ;;
   training)
-    # The compiled steps (the issue-5 targets) with a kernel profile, then the GEMM-autotuning compile mode.
+    # The default compiled BAR-B step (CUDA graphs on one GPU) with a kernel profile, then one lever each: the
+    # unpadded MBM-head MLP (the default pads it to aligned matrix products) and Inductor's C++ wrapper (no CUDA
+    # graphs: compare with compile+no_cuda_graphs). A cold BAR-B compilation takes ~100 s.
     cd bench
-    timeout 150 python3 training.py --experiments bar_b --variants compile --profile \
+    timeout 200 python3 training.py --experiments bar_b --variants compile --profile \
       --out "$OUT/training_bar_b.json" 2>&1 | quiet | tail -32
-    timeout 130 python3 training.py --experiments bar_b_patch4 --variants compile \
-      --out "$OUT/training_bar_b_patch4.json" 2>&1 | quiet | tail -4
-    timeout 290 python3 training.py --experiments bar_b --variants compile+max_autotune \
-      --out "$OUT/training_bar_b_autotune.json" 2>&1 | quiet | tail -4
+    for variant in compile+unaligned_head compile+cpp_wrapper; do
+      timeout 195 python3 training.py --experiments bar_b --variants $variant \
+        --out "$OUT/training_bar_b_$variant.json" 2>&1 | quiet | tail -3
+    done
+    ;;
+  graphs)
+    # CUDA graphs over the compiled step, alone and with Inductor's coordinate-descent tuning of its kernels; the
+    # Inductor cache comes back in $OUT (carry it as .inductor_cache.tgz to skip most compilation next time).
+    cd bench
+    timeout 220 python3 training.py --experiments bar_b --variants compile+cuda_graphs \
+      --out "$OUT/training_bar_b_cuda_graphs.json" 2>&1 | quiet | tail -3
+    timeout 300 python3 training.py --experiments bar_b --variants compile+cuda_graphs+coordinate_descent \
+      --out "$OUT/training_bar_b_cuda_graphs_cd.json" 2>&1 | quiet | tail -3
+    tar -C /tmp -czf "$OUT/inductor_cache.tgz" inductor && ls -la "$OUT/inductor_cache.tgz"
     ;;
   strategies)
     # Eager, activation checkpointing and the distributed strategies on one GPU, then train.py itself under FSDP.
@@ -51,16 +64,13 @@ case "${1:-sampling}" in
     cp /tmp/fsdp_run/*/metrics.csv "$OUT/fsdp_metrics.csv" 2>/dev/null || find /tmp/fsdp_run -name metrics.csv -exec cp {} "$OUT/fsdp_metrics.csv" \;
     ;;
   final)
-    # GPU tests and the default sampling path (Triton fp32 attention) with its agreement with the eager loop and
-    # end to end with the decoder.
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_sampling.py 2>&1 | tail -6 | tee "$OUT/gpu_tests.log"
-    cd bench
-    timeout 150 python3 sampling.py --experiment bar_b --variants eager,graph+compile --check --decoder \
-      --out "$OUT/sampling_bar_b.json" 2>&1 | quiet | tail -6
-    for e in bar_b_patch2 bar_b_patch4; do
-      timeout 50 python3 sampling.py --experiment $e --variants eager,graph+compile --check \
-        --out "$OUT/sampling_$e.json" 2>&1 | quiet | tail -4
-    done
+    # GPU tests (CUDA-graph training step vs compiled vs eager; the sampling fast path vs the reference and the
+    # fixtures), then train.py's default BAR-B path on one GPU (compiled, CUDA graphs) for 25 steps.
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_training.py 2>&1 | tail -6 | tee "$OUT/gpu_training_tests.log"
+    timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_sampling.py 2>&1 | tail -6 | tee "$OUT/gpu_tests.log"
+    timeout 125 python3 train.py experiment=bar_b data=synthetic_tokens data.num_workers=4 trainer.max_steps=25 \
+      trainer.log_every_n_steps=5 trainer.enable_progress_bar=false logger=csv hydra.run.dir=/tmp/default_run 2>&1 | quiet | tail -4
+    find /tmp/default_run -name metrics.csv -exec cp {} "$OUT/default_run_metrics.csv" \; -exec cat {} \;
     ;;
   memory)
     cd bench && python3 head_memory.py --out "$OUT/head_memory.json" 2>&1 | quiet | tail -15

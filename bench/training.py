@@ -34,9 +34,20 @@ from bar_lightning.run import build_generator_job, build_trainer
 
 VARIANTS = {
     "eager": ["training.compile=false"],
+    # The default compiled step: CUDA graphs on one GPU (training.compile_mode=null -> reduce-overhead).
     "compile": ["training.compile=true"],
+    "compile+no_cuda_graphs": ["training.compile=true", "training.compile_mode=default"],
     "compile+checkpoint": ["training.compile=true", "model.use_checkpoint=true"],
     "compile+max_autotune": ["training.compile=true", "training.compile_mode=max-autotune-no-cudagraphs"],
+    "compile+cuda_graphs": ["training.compile=true", "training.compile_mode=reduce-overhead"],
+    # Inductor options (these resolve the compile mode to "default": compare with compile+no_cuda_graphs).
+    "compile+cpp_wrapper": ["training.compile=true", "+training.compile_options.cpp_wrapper=true"],
+    "compile+coordinate_descent": ["training.compile=true", "+training.compile_options.coordinate_descent_tuning=true"],
+    "compile+cuda_graphs+coordinate_descent": [
+        "training.compile=true", "+training.compile_options.triton.cudagraphs=true",
+        "+training.compile_options.coordinate_descent_tuning=true",
+    ],
+    "compile+unaligned_head": ["training.compile=true", "training.align_head_matmuls=false"],
     # The distributed strategies on one GPU (one process): the code paths of trainer=ddp / trainer=fsdp.
     "ddp": ["trainer=ddp", "trainer.devices=1", "training.compile=false"],
     "fsdp": ["trainer=fsdp", "trainer.devices=1", "training.compile=false"],
