@@ -2,17 +2,49 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torchvision
+from lightning.pytorch.strategies import FSDPStrategy
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def full_weights(trainer: L.Trainer, module: torch.nn.Module) -> Iterator[None]:
+    """Run `module` with its full weights under FSDP; nothing to do under other strategies. Every rank must enter.
+
+    Sampling calls the blocks' decode methods, which FSDP does not intercept, and calls their `forward` too, after
+    which an FSDP unit reshards itself. So every rank gathers the full weights (`summon_full_params`, a collective)
+    and, while they are gathered, the units are swapped for the modules they wrap; the weights are not written back.
+    """
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False):
+        units = [
+            (parent, name, child)
+            for parent in module.modules()
+            for name, child in parent.named_children()
+            if isinstance(child, FullyShardedDataParallel)
+        ]
+        for parent, name, child in units:
+            setattr(parent, name, child.module)
+        try:
+            yield
+        finally:
+            for parent, name, child in reversed(units):
+                setattr(parent, name, child)
 
 
 class GeneratorPreview(L.Callback):
@@ -29,15 +61,19 @@ class GeneratorPreview(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if self.every_n_steps <= 0 or step == 0 or step % self.every_n_steps or not trainer.is_global_zero:
+        if self.every_n_steps <= 0 or step == 0 or step % self.every_n_steps:
             return
-        # Sampling uses its own generator so previews never disturb the training random stream.
-        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        labels = torch.tensor(self.classes, device=pl_module.device)
-        was_training = pl_module.training
-        pl_module.eval()
-        bits = pl_module.sample(labels, generator=generator)  # [B, L0 * Cb]
-        pl_module.train(was_training)
+        # Under FSDP every rank gathers the full weights (a collective), then rank 0 samples with them.
+        with full_weights(trainer, pl_module.generator):
+            if not trainer.is_global_zero:
+                return
+            # Sampling uses its own generator so previews never disturb the training random stream.
+            generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+            labels = torch.tensor(self.classes, device=pl_module.device)
+            was_training = pl_module.training
+            pl_module.eval()
+            bits = pl_module.sample(labels, generator=generator)  # [B, L0 * Cb]
+            pl_module.train(was_training)
         model = pl_module.generator
         side = model.latent_height
         tiles = bits.reshape(len(self.classes), side, side * model.bits_per_token).float()  # [B, H, W*Cb]

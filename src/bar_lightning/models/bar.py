@@ -453,9 +453,10 @@ class BARGenerator(nn.Module):
         latents = self.latent_conditions(bits, labels, orders)[:, :-1]  # [B, L, W]
         step_bits = self.tokens_to_steps(bits).gather(1, orders.unsqueeze(-1).expand(-1, -1, self.bits_per_step))
         step_bits, latents = step_bits.reshape(-1, self.bits_per_step), latents.reshape(-1, 1, self.head_width)
+        # Through the head's forward (its loss), not `.loss`: under FSDP only a unit's forward gathers its weights.
         if isinstance(self.lm_head, MaskBitModelingHead):
-            return self.lm_head.loss(step_bits, latents, generator, align_matmuls=align_head_matmuls)
-        return self.lm_head.loss(step_bits, latents, generator)
+            return self.lm_head(step_bits, latents, generator, align_matmuls=align_head_matmuls)
+        return self.lm_head(step_bits, latents, generator)
 
     # ------------------------------------------------------------------ sampling
     @staticmethod

@@ -171,6 +171,16 @@ class MaskBitModelingHead(nn.Module):
             weights = (1.0 - is_masked) * VISIBLE_BIT_WEIGHT + is_masked * MASKED_BIT_WEIGHT
             return (ce * weights).sum() / (weights.sum() + 1e-8)
 
+    def forward(
+        self,
+        target_bits: torch.Tensor,
+        conditions: torch.Tensor,
+        generator: torch.Generator | None = None,
+        align_matmuls: bool = False,
+    ) -> torch.Tensor:
+        """The training loss (`loss`), as `forward` so that an FSDP unit wrapping the head gathers its weights."""
+        return self.loss(target_bits, conditions, generator, align_matmuls)
+
     def loss(
         self,
         target_bits: torch.Tensor,
