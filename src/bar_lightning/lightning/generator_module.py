@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -60,6 +60,51 @@ def parameter_groups(
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
+def non_finite_loss_error(loss: float, step: int) -> FloatingPointError:
+    where = f"training loss {loss}" if not math.isfinite(loss) else f"training loss on another process (here {loss})"
+    return FloatingPointError(
+        f"non-finite {where} at global step {step}; the last saved checkpoint is kept. Lower "
+        "optim.learning_rate or check the data."
+    )
+
+
+def finite_on_every_process(finite: torch.Tensor) -> torch.Tensor:
+    """`finite` and-ed over the processes of a distributed run, on the device (no host read)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return finite
+    if torch.distributed.get_world_size() == 1:
+        return finite
+    every = finite.to(torch.float32).reshape(1)
+    torch.distributed.all_reduce(every, op=torch.distributed.ReduceOp.MIN)
+    return every.reshape(()) > 0
+
+
+class LossCheck(NamedTuple):
+    """The loss check of one optimiser step on its way to the host: `values` = (all finite, loss to report)."""
+
+    step: int
+    values: torch.Tensor
+    copied: torch.cuda.Event | None  # None: `values` was computed synchronously (CPU)
+
+    @staticmethod
+    def queue(step: int, finite: torch.Tensor, loss: torch.Tensor) -> LossCheck:
+        values = torch.stack([finite.to(torch.float32), loss.detach().to(torch.float32)])
+        if values.device.type != "cuda":
+            return LossCheck(step, values, None)
+        host = torch.empty(2, dtype=torch.float32, pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return LossCheck(step, host, copied)
+
+    def arrived(self, wait: bool) -> bool:
+        if self.copied is None or self.copied.query():
+            return True
+        if wait:
+            self.copied.synchronize()
+        return wait
+
+
 class GeneratorModule(L.LightningModule):
     """Trains `BARGenerator` with random-order annealing, class dropout and AdamW + warmup-cosine.
 
@@ -82,6 +127,7 @@ class GeneratorModule(L.LightningModule):
         self._compiled_with_cuda_graphs = False
         # (all losses finite, the non-finite loss to report) since the last optimiser step, kept on the device.
         self._pending_loss_check: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._loss_checks: list[LossCheck] = []  # flags of steps a fused optimiser skips on the device, on their way
         self._batch_checked_on_host = False  # set by on_before_batch_transfer, read by the next step
 
     # ----------------------------------------------------------------- training
@@ -179,15 +225,41 @@ class GeneratorModule(L.LightningModule):
             all_finite, reported = self._pending_loss_check
             self._pending_loss_check = (all_finite & finite, torch.where(finite, reported, loss))
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # One host read per optimiser step, after the backward pass has been queued; raising here skips the step,
-        # so the weights in memory and every saved checkpoint stay finite.
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer | None) -> None:
+        self._raise_for_read_loss_checks(wait=False)
         pending, self._pending_loss_check = self._pending_loss_check, None
+        if pending is not None:
+            # Under DDP the averaged gradients are non-finite on every process if one loss was: all must skip.
+            pending = (finite_on_every_process(pending[0]), pending[1])
+        skips_on_device = optimizer is not None and optimizer.defaults.get("fused") is True
+        if skips_on_device:
+            # The fused AdamW kernel leaves weights, moments and step counts untouched where `found_inf` is set, so
+            # this step needs no host read: its flag is copied out now and read once computed (at a later step,
+            # before any checkpoint is written and at the end of training), raising then.
+            optimizer.found_inf = None if pending is None else (~pending[0]).to(torch.float32)
+            if pending is not None:
+                self._loss_checks.append(LossCheck.queue(self.global_step, *pending))
+            return
+        # Otherwise one host read per optimiser step, after the backward pass has been queued; raising here skips
+        # the step, so the weights in memory and every saved checkpoint stay finite.
         if pending is not None and not bool(pending[0]):
-            raise FloatingPointError(
-                f"non-finite training loss {pending[1].item()} at global step {self.global_step}; the last saved "
-                "checkpoint is kept. Lower optim.learning_rate or check the data."
-            )
+            raise non_finite_loss_error(float(pending[1]), self.global_step)
+
+    def _raise_for_read_loss_checks(self, wait: bool) -> None:
+        """Raise for the first non-finite loss among the queued checks whose flags have arrived (all, if `wait`)."""
+        waiting = []
+        for check in self._loss_checks:
+            if not check.arrived(wait):
+                waiting.append(check)
+                continue
+            finite, loss = check.values.tolist()
+            if not finite:
+                self._loss_checks = []
+                raise non_finite_loss_error(loss, check.step)
+        self._loss_checks = waiting
+
+    def on_train_end(self) -> None:
+        self._raise_for_read_loss_checks(wait=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         self._check_batch_unless_done_on_host(batch)
@@ -240,6 +312,8 @@ class GeneratorModule(L.LightningModule):
 
     # ----------------------------------------------------------------- state
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A step whose loss was non-finite was skipped on the device; no checkpoint is written after it.
+        self._raise_for_read_loss_checks(wait=True)
         checkpoint["random_ratio"] = self.random_ratio
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
