@@ -52,18 +52,15 @@ class LinearSoftmaxHead(nn.Module):
     def logits(self, conditions: torch.Tensor) -> torch.Tensor:
         return self.output(self.norm(conditions.squeeze(1)))  # [N, 2^C]
 
-    def forward(
-        self, target_bits: torch.Tensor, conditions: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """The training loss (`loss`), as `forward` so that an FSDP unit wrapping the head gathers its weights."""
-        return self.loss(target_bits, conditions, generator)
-
     def loss(
         self, target_bits: torch.Tensor, conditions: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         logits = self.logits(conditions)
         with torch.autocast(device_type=logits.device.type, enabled=False):
             return F.cross_entropy(logits.float(), self.bits_to_codes(target_bits))
+
+    # The loss is the module's forward, so that an FSDP unit wrapping the head gathers its weights for it.
+    forward = loss
 
     @torch.no_grad()
     def sample(

@@ -171,16 +171,6 @@ class MaskBitModelingHead(nn.Module):
             weights = (1.0 - is_masked) * VISIBLE_BIT_WEIGHT + is_masked * MASKED_BIT_WEIGHT
             return (ce * weights).sum() / (weights.sum() + 1e-8)
 
-    def forward(
-        self,
-        target_bits: torch.Tensor,
-        conditions: torch.Tensor,
-        generator: torch.Generator | None = None,
-        align_matmuls: bool = False,
-    ) -> torch.Tensor:
-        """The training loss (`loss`), as `forward` so that an FSDP unit wrapping the head gathers its weights."""
-        return self.loss(target_bits, conditions, generator, align_matmuls)
-
     def loss(
         self,
         target_bits: torch.Tensor,
@@ -196,6 +186,9 @@ class MaskBitModelingHead(nn.Module):
         masked_ids, is_masked, mask_ratio = self.mask_bits(target_bits, generator)
         logits = self.logits(masked_ids, conditions, mask_ratio, self.aligned_mlp_weights() if align_matmuls else None)
         return self.weighted_bit_loss(logits, target_bits, is_masked)
+
+    # The loss is the module's forward, so that an FSDP unit wrapping the head gathers its weights for it.
+    forward = loss
 
     @torch.no_grad()
     def sample(
