@@ -23,7 +23,8 @@ def test_a_sharded_generator_trains_and_previews_like_an_unwrapped_one(tmp_path)
          str(ROOT / "tests" / "fsdp_worker.py"), str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**ENVIRONMENT, "PYTHONPATH": str(ROOT / "src")},
     )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    written = sorted(path.name for path in tmp_path.glob("rank*.json"))
+    assert result.returncode == 0, f"records written: {written}\n" + (result.stdout + result.stderr)[-3000:]
     for rank in range(2):
         records = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert sorted(records) == ["linear/False", "linear/True", "mbm/False", "mbm/True"]
