@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from bar_lightning.data.tokens import write_token_metadata, write_token_npz
+from bar_lightning.distributed import join_torchrun_process_group
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -106,11 +107,7 @@ def load_tokenizer_for_encoding(source: DictConfig) -> torch.nn.Module:
 
 
 def _distributed() -> tuple[int, int]:
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world_size > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend=backend)
-    return rank, world_size
+    return join_torchrun_process_group()
 
 
 def run_pretokenize(cfg: DictConfig) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.progress import Progress
 
 from bar_lightning.config.schema import ConfigError
+from bar_lightning.distributed import join_torchrun_process_group
 from bar_lightning.eval.sampling import balanced_labels, load_generator_from_source, resolve_device
 from bar_lightning.io import atomic_write, atomic_write_json
 from bar_lightning.models.bar import BARGenerator
@@ -54,11 +55,8 @@ def load_tokenizer_from_source(source: DictConfig, *, decode_only: bool = True) 
 
 
 def distributed_context() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment, initialising the process group when needed."""
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world_size > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return rank, world_size
+    """(rank, world size) from torchrun's environment, joining the process group when there are several."""
+    return join_torchrun_process_group()
 
 
 def shard_indices(num_samples: int, rank: int, world_size: int) -> list[int]:
