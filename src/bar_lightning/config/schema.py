@@ -7,11 +7,12 @@ or a wrong type (`model.hidden_size: big`) stops the run with the full key path,
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from bar_lightning.models.bar import SAMPLING_PRECISIONS
 from bar_lightning.models.linear_head import MAX_LINEAR_HEAD_BITS
@@ -402,9 +403,27 @@ def merge_with_schema(cfg: DictConfig, schema: type) -> DictConfig:
         merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as error:
-        raise ConfigError(f"invalid configuration: {error}") from error
+        # OmegaConf's message names the key and the types; its traceback (merge internals) would bury it.
+        raise ConfigError(f"invalid configuration: {error}{closest_key_hint(error, schema)}") from None
     OmegaConf.set_struct(merged, True)
     return merged
+
+
+def closest_key_hint(error: OmegaConfBaseException, schema: type) -> str:
+    """For an unknown key, the schema's keys at the same place that are spelt like it ('' when none is)."""
+    if not isinstance(error, ConfigKeyError) or not getattr(error, "full_key", None):
+        return ""
+    *parents, key = str(error.full_key).split(".")
+    node = OmegaConf.structured(schema)
+    for parent in parents:
+        node = node.get(parent) if isinstance(node, DictConfig) else None
+    if not isinstance(node, DictConfig):
+        return ""
+    matches = difflib.get_close_matches(key, [str(name) for name in node.keys()], n=2, cutoff=0.75)
+    if not matches:
+        return ""
+    prefix = ".".join(parents) + "." if parents else ""
+    return "\n    did you mean: " + " or ".join(prefix + match for match in matches) + "?"
 
 
 def check_sampling(sampling: DictConfig, bits_per_step: int, head: str) -> None:
