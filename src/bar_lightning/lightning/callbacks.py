@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 import torchvision
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.strategies import FSDPStrategy
 
 log = logging.getLogger(__name__)
@@ -152,3 +153,25 @@ class GlobalBatchMonitor(L.Callback):
         pl_module.log("train/samples_seen", float(step * self.global_batch_size), rank_zero_only=True)
         pl_module.log("train/samples_per_second", samples / max(now - self._last_time, 1e-9), rank_zero_only=True)
         self._last_step, self._last_time = step, now
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, titled for step-based runs: "Epoch 3 · 1250/250000 steps".
+
+    The recipes stop at `trainer.max_steps` with `max_epochs=-1`, which the stock title shows as "Epoch 3/-2";
+    the optimiser step in the title follows every batch.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        super().on_train_batch_end(trainer, *args, **kwargs)
+        if self.progress is not None and self.train_progress_bar_id is not None:
+            self.progress.update(self.train_progress_bar_id, description=self._get_train_description(trainer.current_epoch))
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        trainer = self.trainer
+        description = f"Epoch {current_epoch}"
+        if trainer.max_epochs is not None and trainer.max_epochs > 0:
+            description += f"/{trainer.max_epochs - 1}"
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            description += f" · {trainer.global_step}/{trainer.max_steps} steps"
+        return f"{description:{len(self.validation_description)}}"
