@@ -158,3 +158,14 @@ def test_demo_tokenizer_composes_and_matches_the_demo_generator():
     assert side * side == generator.model.num_tokens
     assert tokenizer.model.bits_per_token == generator.model.bits_per_token
     assert tokenizer.discriminator is None and tokenizer.training.gan_weight == 0.0
+
+
+@pytest.mark.parametrize(
+    "experiment", ["demo_generator", "demo_tokenizer", "tiny_generator", "tiny_tokenizer"]
+)
+def test_cpu_experiments_run_with_deterministic_algorithms(experiment):
+    # The CPU backward of the position-table lookups otherwise adds in a thread-dependent order (the demo drifted).
+    cfg = validate_train_config(compose_train([f"experiment={experiment}"]))
+    assert cfg.trainer.accelerator == "cpu" and cfg.trainer.deterministic is True
+    assert validate_train_config(compose_train(["experiment=bar_b", "trainer=ddp_cpu"])).trainer.deterministic is True
+    assert validate_train_config(compose_train(["experiment=bar_b", "trainer=gpu"])).trainer.deterministic is False
