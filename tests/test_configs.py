@@ -167,5 +167,10 @@ def test_cpu_experiments_run_with_deterministic_algorithms(experiment):
     # The CPU backward of the position-table lookups otherwise adds in a thread-dependent order (the demo drifted).
     cfg = validate_train_config(compose_train([f"experiment={experiment}"]))
     assert cfg.trainer.accelerator == "cpu" and cfg.trainer.deterministic is True
-    assert validate_train_config(compose_train(["experiment=bar_b", "trainer=ddp_cpu"])).trainer.deterministic is True
-    assert validate_train_config(compose_train(["experiment=bar_b", "trainer=gpu"])).trainer.deterministic is False
+
+
+def test_cpu_trainers_are_deterministic_and_the_gpu_trainer_is_not():
+    def deterministic(trainer: str) -> bool:
+        return validate_train_config(compose_train(["experiment=bar_b", f"trainer={trainer}"])).trainer.deterministic
+
+    assert (deterministic("cpu"), deterministic("ddp_cpu"), deterministic("gpu")) == (True, True, False)
