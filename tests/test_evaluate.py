@@ -123,7 +123,7 @@ def test_two_ranks_generate_the_same_samples_as_one(upstream_a1, tmp_path, monke
     single = validate_evaluate_config(compose_evaluate(overrides, tmp_path / "single"))
     run_evaluation(single)
     for rank in (1, 0):  # rank 0 merges, so it runs last
-        monkeypatch.setattr(evaluate_module, "distributed_context", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr(evaluate_module, "join_torchrun_process_group", lambda rank=rank: (rank, 2))
         run_evaluation(validate_evaluate_config(compose_evaluate(overrides, tmp_path / "sharded")))
     one = np.load(tmp_path / "single" / "samples_bits.npz", allow_pickle=False)
     two = np.load(tmp_path / "sharded" / "samples_bits.npz", allow_pickle=False)

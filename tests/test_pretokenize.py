@@ -99,7 +99,7 @@ def test_shards_over_two_ranks_cover_every_image_once_and_resume(tmp_path, token
     import bar_lightning.pretokenize as pretokenize
 
     for rank in (0, 1):
-        monkeypatch.setattr(pretokenize, "_distributed", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr(pretokenize, "join_torchrun_process_group", lambda rank=rank: (rank, 2))
         run_pretokenize(pretokenize_cfg(tmp_path, tokenizer_checkpoint, shards=pattern))
         # Only rank 0 writes metadata.json; remove it so the next simulated rank does not take the run as finished.
         (tmp_path / "out" / "metadata.json").unlink(missing_ok=True)
@@ -107,7 +107,7 @@ def test_shards_over_two_ranks_cover_every_image_once_and_resume(tmp_path, token
     assert len(files) == 8 and len(set(files)) == 8
     assert files[0] == "00000/s0_0.npz"
     # Re-running skips existing files (an interrupted run resumes).
-    monkeypatch.setattr(pretokenize, "_distributed", lambda: (0, 1))
+    monkeypatch.setattr(pretokenize, "join_torchrun_process_group", lambda: (0, 1))
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*.npz")}
     run_pretokenize(pretokenize_cfg(tmp_path, tokenizer_checkpoint, shards=pattern))
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*.npz")} == before

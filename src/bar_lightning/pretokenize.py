@@ -106,13 +106,9 @@ def load_tokenizer_for_encoding(source: DictConfig) -> torch.nn.Module:
     return load_tokenizer(OmegaConf.to_container(OmegaConf.load(config_path)), weights)
 
 
-def _distributed() -> tuple[int, int]:
-    return join_torchrun_process_group()
-
-
 def run_pretokenize(cfg: DictConfig) -> dict[str, Any]:
     """Encode `cfg.data` into `cfg.output_dir`; returns the metadata that is written."""
-    rank, world_size = _distributed()
+    rank, world_size = join_torchrun_process_group()
     output = Path(cfg.output_dir)
     if (output / "metadata.json").is_file() and not cfg.overwrite:
         log.info("%s/metadata.json exists: pretokenization already complete (overwrite=true to redo)", output)

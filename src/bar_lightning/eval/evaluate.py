@@ -54,11 +54,6 @@ def load_tokenizer_from_source(source: DictConfig, *, decode_only: bool = True) 
     return load_tokenizer(config, weights, decode_only=decode_only)
 
 
-def distributed_context() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment, joining the process group when there are several."""
-    return join_torchrun_process_group()
-
-
 def shard_indices(num_samples: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank, num_samples, world_size))
 
@@ -190,7 +185,7 @@ def run_speed_benchmark(generator: BARGenerator, tokenizer: torch.nn.Module | No
 def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     """Sample (or time) as `cfg` says; returns the metrics written to `metrics.json` (rank 0)."""
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
-    rank, world_size = distributed_context()
+    rank, world_size = join_torchrun_process_group()
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
