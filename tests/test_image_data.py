@@ -146,7 +146,17 @@ def test_image_folder_round_trip(tmp_path: Path, image_folder) -> None:
     assert [p.name for p in summary.shards] == [f"toy-train-{i:06d}.tar" for i in range(math.ceil(7 / 3))]
     assert summary.pattern.endswith("toy-train-{000000..000002}.tar")
     assert json.loads((out / "classes.json").read_text()) == {"classes": ["apple", "mango", "zebra"]}
-    assert sorted(p.name for p in out.iterdir()) == ["classes.json"] + [p.name for p in summary.shards]
+    assert sorted(p.name for p in out.iterdir()) == (
+        ["classes.json"] + [p.name for p in summary.shards] + ["toy-train.index.json"]
+    )
+    # The shard index (webdataset's wids format) counts every shard's samples and names them without braces.
+    index = json.loads(summary.index.read_text())
+    assert index["__kind__"] == "wids-shard-index-v1" and index["wids_version"] == 1
+    assert [(entry["url"], entry["nsamples"]) for entry in index["shardlist"]] == [
+        ("toy-train-000000.tar", 3), ("toy-train-000001.tar", 3), ("toy-train-000002.tar", 1)
+    ]
+    assert all(entry["filesize"] == (out / entry["url"]).stat().st_size for entry in index["shardlist"])
+    assert expand_shard_pattern(str(summary.index)) == [str(path) for path in summary.shards]
 
     samples = _read_raw_shards(summary.pattern)
     keys = [s["__key__"] for s in samples]
@@ -392,9 +402,11 @@ def broken_training_shards(tmp_path: Path) -> tuple[str, Path, Path]:
         {"__key__": "no-image", "cls": 2},
         {"__key__": "bad-label", "png": _png_bytes(4), "cls": "cat"},
         {"__key__": "good-001", "png": _png_bytes(5), "cls": 0},  # duplicate key, not adjacent
+        {"__key__": "too-big", "png": _png_bytes(6, size=(30, 30)), "cls": 0},  # 900 pixels > the 500 allowed
     ]
     bad_shard = _write_shard(tmp_path / "mixed-000000.tar", bad)
     truncated_shard = _truncate(_write_shard(tmp_path / "mixed-000001.tar", _good_samples("cut", 30)))
+    _write_shard(tmp_path / "mixed-000002.tar", [])  # a well-formed shard without samples
     return str(tmp_path / "mixed-*.tar"), bad_shard, truncated_shard
 
 
@@ -409,6 +421,7 @@ def test_training_skips_bad_samples_and_truncated_shards(broken_training_shards)
         shuffle_buffer=10,
         max_skip_rate=0.5,
         min_samples_for_skip_rate=10,
+        max_image_pixels=500,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -425,6 +438,8 @@ def test_training_skips_bad_samples_and_truncated_shards(broken_training_shards)
     assert any("'bad-image'" in m and str(bad_shard) in m and "undecodable_image" in m for m in messages)
     assert any("'good-001'" in m and "duplicate_key" in m for m in messages)
     assert any(str(truncated_shard) in m and "unreadable_shard" in m for m in messages)
+    assert any("'too-big'" in m and "30x30 = 900 pixels" in m and "max_image_pixels=500" in m for m in messages)
+    assert any("mixed-000002.tar" in m and "empty_shard" in m for m in messages)
 
 
 def test_skip_counter_is_shared_with_workers(broken_training_shards) -> None:

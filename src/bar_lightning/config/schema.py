@@ -316,6 +316,9 @@ class ImageDataConfig:
     min_samples_for_skip_rate: int = 100
     pin_memory: bool | None = None
     persistent_workers: bool | None = None
+    # Images larger than this many pixels are refused from their header (skipped in training, an error in
+    # validation); null: max(4096 x 4096, 16 x crop_size²).
+    max_image_pixels: int | None = None
     synthetic_num_samples: int = 256
     synthetic_val_num_samples: int = 0
 

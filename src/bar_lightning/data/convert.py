@@ -16,9 +16,15 @@ outside ``[A-Za-z0-9_-]`` replaced by ``_`` (webdataset splits a file name at it
 contain dots), and ``fmnist-<split>-<index in the IDX file>`` for Fashion-MNIST. ``classes.json`` next to the
 shards lists the class names in label order.
 
+    # A shard index for shards made elsewhere (e.g. upstream's ImageNet shards): reads each shard to its end.
+    python -m bar_lightning.data.convert index '/data/wds/imagenet-train-*.tar' --out /data/wds/imagenet-train.index.json
+
 Shards go to ``<out>/<prefix>-%06d.tar``. They are written into a hidden temporary folder inside ``<out>`` and
 moved to their final names only after the last one is complete, so an interrupted conversion never leaves a
-truncated shard (nor a mix of old and new shards) under the final names.
+truncated shard (nor a mix of old and new shards) under the final names. ``<out>/<prefix>.index.json`` (webdataset's
+``wids`` shard index: every shard's sample count and size) is written with them; readers use it to detect a
+truncated or stale shard, and it can be passed wherever shards are taken (``data.train_shards=<index>``), with no
+brace pattern to quote. Source images over ``--max-image-pixels`` are skipped like unreadable ones.
 """
 
 from __future__ import annotations
@@ -41,6 +47,17 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 from PIL import Image
+
+from bar_lightning.data.shards import (
+    FOLDER_IMAGE_FORMATS,
+    MIN_DEFAULT_MAX_IMAGE_PIXELS,
+    SHARD_INDEX_SUFFIX,
+    ShardDataError,
+    count_shard_samples,
+    decode_image,
+    expand_shards,
+    write_shard_index,
+)
 
 DEFAULT_FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_INSTALL_HINT = "apt-get install -y dataset-fashion-mnist"
@@ -94,6 +111,15 @@ class ShardSetSummary:
         if len(self.shards) == 1:
             return str(self.shards[0])
         return str(folder / f"{self.prefix}-{{{0:06d}..{len(self.shards) - 1:06d}}}.tar")
+
+    @property
+    def index(self) -> Path | None:
+        """The shard index written beside the shards (names them without a brace pattern)."""
+        return shard_index_path(self.shards[0].parent, self.prefix) if self.shards else None
+
+
+def shard_index_path(out_dir: str | Path, prefix: str) -> Path:
+    return Path(out_dir) / f"{prefix}{SHARD_INDEX_SUFFIX}"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -162,6 +188,7 @@ def write_shards(
     try:
         # mtime=0 (an int): identical inputs give identical shards, and tarfile adds no pax header per file
         # (it does for a float time stamp), which would more than double the size of small samples.
+        samples_per_shard: dict[str, int] = {}
         with wds.ShardWriter(
             str(staging_dir / f"{prefix}-%06d.tar"), maxcount=max_count, verbose=0, mtime=0
         ) as writer:
@@ -174,16 +201,26 @@ def write_shards(
                     )
                 keys_written.add(key)
                 writer.write(sample)
+                # ShardWriter may start a new shard on size as well as count: count where each sample went.
+                shard_name = Path(writer.fname).name
+                samples_per_shard[shard_name] = samples_per_shard.get(shard_name, 0) + 1
                 summary.samples += 1
         staged = sorted(staging_dir.glob(f"{prefix}-*.tar"))
         if summary.samples == 0:
             staged = []  # ShardWriter opens its first shard eagerly; an empty tar is no shard
         for old_shard in _final_shard_paths(out_dir, prefix):
             old_shard.unlink()
+        shard_index_path(out_dir, prefix).unlink(missing_ok=True)
         for shard in staged:
             final_path = out_dir / shard.name
             os.replace(shard, final_path)
             summary.shards.append(final_path)
+        if summary.shards:
+            write_shard_index(
+                shard_index_path(out_dir, prefix),
+                [(path, samples_per_shard[path.name]) for path in summary.shards],
+                name=prefix,
+            )
     finally:
         shutil.rmtree(staging_dir, ignore_errors=True)
     return summary
@@ -256,12 +293,13 @@ def list_image_folder(source_dir: str | Path) -> tuple[list[str], list[tuple[Pat
 
 
 def _image_folder_samples(
-    entries: Sequence[tuple[Path, int, str]], *, image_format: str, summary: ShardSetSummary
+    entries: Sequence[tuple[Path, int, str]], *, image_format: str, summary: ShardSetSummary,
+    max_image_pixels: int = MIN_DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Iterator[dict[str, Any]]:
     for path, label, key in entries:
         try:
-            with Image.open(path) as image:
-                encoded = encode_image(image, image_format=image_format)
+            image = decode_image(path, max_pixels=max_image_pixels, formats=FOLDER_IMAGE_FORMATS)
+            encoded = encode_image(image, image_format=image_format)
         except Exception as error:  # PIL raises many types; one unreadable file should not end the conversion
             summary.skipped += 1
             print(
@@ -281,6 +319,7 @@ def convert_image_folder(
     image_format: str = "png",
     shuffle_seed: int | None = 0,
     overwrite: bool = False,
+    max_image_pixels: int = MIN_DEFAULT_MAX_IMAGE_PIXELS,
 ) -> ShardSetSummary:
     """Convert ``<source_dir>/<class>/**/<image>`` to shards; write ``classes.json`` next to them.
 
@@ -303,7 +342,8 @@ def convert_image_folder(
     # The summary is filled by the sample generator (skips) and by write_shards (samples, shards).
     skipped_summary = ShardSetSummary(prefix=prefix)
     summary = write_shards(
-        _image_folder_samples(entries, image_format=image_format, summary=skipped_summary),
+        _image_folder_samples(entries, image_format=image_format, summary=skipped_summary,
+                              max_image_pixels=max_image_pixels),
         out_dir=out_dir,
         prefix=prefix,
         max_count=max_count,
@@ -439,6 +479,18 @@ def convert_fashion_mnist(
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Shard index of existing shards
+# --------------------------------------------------------------------------------------------------------------
+
+
+def index_shards(spec: str | Sequence[str], *, index_path: str | Path) -> list[tuple[str, int]]:
+    """Read every shard of ``spec`` to its end and write their ``wids`` index; a damaged shard stops it."""
+    counts = [(shard.url, count_shard_samples(shard.url)) for shard in expand_shards(spec)]
+    write_shard_index(index_path, counts, name=Path(index_path).name.removesuffix(SHARD_INDEX_SUFFIX))
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------------------
 
@@ -448,7 +500,7 @@ def _print_summary(summaries: dict[str, ShardSetSummary], out_dir: Path) -> None
         skipped = f", {summary.skipped} unreadable inputs skipped" if summary.skipped else ""
         print(f"{name}: {summary.samples} samples in {len(summary.shards)} shards{skipped}")
         if summary.shards:
-            print(f"  shards: {summary.pattern}")
+            print(f"  shards: {summary.index}  (or the pattern {summary.pattern})")
     print(f"classes: {out_dir / CLASSES_FILENAME}")
 
 
@@ -476,6 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
         )
         command.add_argument(
             "--overwrite", action="store_true", help="replace existing shards with the same prefix"
+        )
+        command.add_argument(
+            "--max-image-pixels", type=int, default=MIN_DEFAULT_MAX_IMAGE_PIXELS,
+            help="skip source images with more pixels than this (default: %(default)s = 4096 x 4096)",
         )
 
     folder = commands.add_parser("image-folder", help="a folder of class subfolders of images")
@@ -505,12 +561,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=int, default=None, help="convert only the first N images of each split"
     )
     add_common(fashion)
+
+    index = commands.add_parser(
+        "index", help="write the shard index (sample counts, sizes) of existing shards, reading each to its end"
+    )
+    index.add_argument("shards", help="shards: a brace pattern, glob (quoted) or folder")
+    index.add_argument("--out", required=True, type=Path, help=f"the index file to write (*{SHARD_INDEX_SUFFIX})")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "index":
+            if not args.out.name.endswith(SHARD_INDEX_SUFFIX):
+                raise ValueError(f"--out must end in {SHARD_INDEX_SUFFIX} (readers look for that name), got {args.out}")
+            counts = index_shards(args.shards, index_path=args.out)
+            print(f"{len(counts)} shards, {sum(count for _, count in counts)} samples: {args.out}")
+            return 0
         if args.command == "image-folder":
             summaries = {
                 args.prefix: convert_image_folder(
@@ -521,6 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     image_format=args.image_format,
                     shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
                     overwrite=args.overwrite,
+                    max_image_pixels=args.max_image_pixels,
                 )
             }
         else:
@@ -534,7 +603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 limit=args.limit,
                 overwrite=args.overwrite,
             )
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError, ShardDataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     _print_summary(summaries, Path(args.out))

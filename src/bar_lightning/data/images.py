@@ -19,13 +19,15 @@ Two pipelines:
 * Evaluation (:func:`make_eval_dataset`): every shard is read exactly once over all ranks and workers
   (``shards[rank::world_size]``, then ``[worker::num_workers]``), in order, without shuffling or resampling.
 
-Bad data. Training skips a bad sample (undecodable image, missing image or ``cls``, a label that is not a
-non-negative integer, a key already seen in the same shard) and an unreadable shard (truncated or corrupt tar,
-file gone), with a :class:`BadSampleWarning` naming the shard and the key, and counts it in a
-:class:`SkipCounter`. Once ``min_samples_for_skip_rate`` items were seen, a skip rate above ``max_skip_rate``
-stops training with :class:`SkipRateExceededError`: a few broken files are normal, many mean broken data.
-Evaluation is strict: the first bad sample or shard raises :class:`BadSampleError`, because a metric over a
-silently reduced set is not comparable.
+Bad data. Shards are read by :mod:`bar_lightning.data.shards` (the one reader: only images and labels, plain
+tar, a pixel budget, truncation detected). Training skips a bad sample (undecodable or oversized image, missing
+image or ``cls``, a label that is not a non-negative integer, a key already seen in the same shard), a shard that
+cannot be read to its end (truncated, corrupt, compressed, file gone, not what its index says) and a shard without
+samples, with a :class:`BadSampleWarning` naming the shard and the key, and counts it in a :class:`SkipCounter`.
+Once ``min_samples_for_skip_rate`` items were seen, a skip rate above ``max_skip_rate`` stops training with
+:class:`SkipRateExceededError`: a few broken files are normal, many mean broken data. Strict pipelines
+(evaluation, pretokenization) raise :class:`BadSampleError` at the first bad sample or shard, because a metric over
+a silently reduced set is not comparable.
 
 Randomness of augmentations (crop position, flip) comes from torch's global generator; DataLoader workers get
 distinct torch seeds, and ``lightning.seed_everything(seed, workers=True)`` also makes them differ across ranks.
@@ -33,11 +35,8 @@ distinct torch seeds, and ``lightning.seed_everything(seed, workers=True)`` also
 
 from __future__ import annotations
 
-import glob
-import io
 import math
 import multiprocessing
-import os
 import random
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -51,18 +50,32 @@ from PIL import Image
 from torch.utils.data import get_worker_info
 from torchvision.transforms import v2
 
-# Extensions tried, in this order, for the image of a sample.
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
-LABEL_EXTENSION = "cls"
+from bar_lightning.data.shards import (
+    _CONVERT_HINT,
+    IMAGE_EXTENSIONS,
+    LABEL_EXTENSION,
+    MIN_DEFAULT_MAX_IMAGE_PIXELS,
+    ImageTooLargeError,
+    OversizedMember,
+    Shard,
+    ShardDataError,
+    ShardReadError,
+    decode_image,
+    expand_shards,
+    parse_label,
+    read_shard_samples,
+)
 
-# Why an item was skipped. "unreadable_shard" is one whole shard (its samples are unknown), the rest one sample.
+# Why an item was skipped. "unreadable_shard" and "empty_shard" are one whole shard, the rest one sample.
 SKIP_REASONS = (
     "unreadable_shard",
+    "empty_shard",
     "duplicate_key",
     "missing_image",
     "missing_label",
     "bad_label",
     "undecodable_image",
+    "oversized_image",
 )
 
 # Normalisation to [-1, 1], as BAR's tokenizer expects (upstream: mean = std = 0.5 per channel).
@@ -73,34 +86,13 @@ _NORMALIZE_STD = (0.5, 0.5, 0.5)
 _SHARD_STREAM = 0x53484152  # "SHAR"
 _SHUFFLE_STREAM = 0x53485546  # "SHUF"
 
-_CONVERT_HINT = (
-    "create shards with `python -m bar_lightning.data.convert image-folder ...` or "
-    "`python -m bar_lightning.data.convert fashion-mnist ...`"
-)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Errors, warnings and the skip counter
 # --------------------------------------------------------------------------------------------------------------
 
 
-class ShardDataError(ValueError):
-    """Base class of the data errors raised here; the message survives webdataset's error handling.
-
-    webdataset appends the stream and URL to ``exception.args`` while an error travels through its tar readers,
-    which would turn ``str(error)`` into a tuple; ``__str__`` keeps the message as written.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
 class BadSampleError(ShardDataError):
-    """A bad sample or an unreadable shard in a strict (evaluation) pipeline."""
+    """A bad sample or an unreadable shard in a strict pipeline (evaluation, pretokenization)."""
 
 
 class SkipRateExceededError(ShardDataError):
@@ -235,8 +227,8 @@ class SkipPolicy:
         where = f"shard {shard}" if key is None else f"sample {key!r} in shard {shard}"
         if self.strict:
             raise BadSampleError(
-                f"{reason}: {where}: {detail}. Evaluation never skips data; fix or re-create this shard "
-                f"({_CONVERT_HINT}) or remove it from the shard list"
+                f"{reason}: {where}: {detail}. Evaluation and pretokenization never skip data; fix or re-create "
+                f"this shard ({_CONVERT_HINT}) or remove it from the shard list"
             )
         seen, skipped = self.counter.record(seen=0 if already_seen else 1, reason=reason)
         warnings.warn(
@@ -317,45 +309,14 @@ def build_eval_transform(*, crop_size: int) -> v2.Compose:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _is_remote(url: str) -> bool:
-    return "://" in url or url.startswith("pipe:")
-
-
 def expand_shard_pattern(pattern: str | Sequence[str]) -> list[str]:
-    """Expand braces (``a-{000000..000009}.tar``), ``::`` separated lists and globs (``a-*.tar``) to shard files.
-
-    Local files must all exist: a missing one raises FileNotFoundError naming it (and the pattern), because an
-    evaluation over part of a set is wrong and a training pattern that names absent files is a config error.
-    A sequence of patterns is expanded one by one, in order.
-    """
-    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
-    if not patterns or not all(isinstance(p, str) and p.strip() for p in patterns):
-        raise ValueError(f"shard pattern must be a non-empty string or list of strings, got {pattern!r}")
-    shards: list[str] = []
-    missing: list[str] = []
-    for one_pattern in patterns:
-        for url in wds.shardlists.expand_urls(os.path.expanduser(one_pattern)):
-            if _is_remote(url):
-                shards.append(url)
-            elif glob.has_magic(url):
-                shards.extend(sorted(glob.glob(url)))
-            elif os.path.isfile(url):
-                shards.append(url)
-            else:
-                missing.append(url)
-    if not shards:
-        raise FileNotFoundError(f"no shard file matches {pattern!r}; {_CONVERT_HINT}, or fix the path")
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} of the {len(missing) + len(shards)} shards named by {pattern!r} do not exist "
-            f"(first: {missing[0]}); fix the pattern (e.g. the brace range) or create the missing shards"
-        )
-    return shards
+    """The shard files a spec names (see :func:`bar_lightning.data.shards.expand_shards`), as paths or URLs."""
+    return [shard.url for shard in expand_shards(pattern)]
 
 
 def shards_for_rank_and_worker(
-    shards: Sequence[str], *, rank: int, world_size: int, worker_id: int, num_workers: int
-) -> list[str]:
+    shards: Sequence[Any], *, rank: int, world_size: int, worker_id: int, num_workers: int
+) -> list[Any]:
     """The shards one evaluation worker reads: rank-strided, then worker-strided; every shard exactly once."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
@@ -396,81 +357,39 @@ def _current_worker() -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class _ShardErrorHandler:
-    """webdataset ``handler`` for one shard: report the shard once through the policy, then stop reading it.
+def _samples_of_shard(shard: Shard, *, policy: SkipPolicy, max_image_pixels: int) -> Iterator[dict[str, Any]]:
+    """Raw samples of one shard (see :func:`read_shard_samples`), duplicates removed, problems sent to ``policy``.
 
-    Returning False makes webdataset's tar readers abandon the rest of this shard (after a read error the
-    stream position is unknown); samples read before the error are kept.
+    A shard that cannot be read to its end is one skip (its samples before the damage are kept); one without any
+    sample is another. A strict policy raises instead.
     """
-
-    def __init__(self, *, shard: str, policy: SkipPolicy) -> None:
-        self.shard = shard
-        self.policy = policy
-        self.reported = False
-
-    def __call__(self, error: Exception) -> bool:
-        if isinstance(error, ShardDataError):
-            raise error  # our own strict-mode or skip-rate error on its way out: never swallow it
-        if not self.reported:
-            self.reported = True
-            detail = error.args[0] if error.args else type(error).__name__
-            self.policy.skip(
-                reason="unreadable_shard",
-                shard=self.shard,
-                key=None,
-                detail=f"cannot read the tar file ({type(error).__name__}: {detail})",
-            )
-        return False
-
-
-def _open_shard(shard: str, *, handler: _ShardErrorHandler) -> Iterator[dict[str, Any]]:
-    """webdataset's opener, plus closing the file once the tar reader is done with it (or abandons it)."""
-    for source in wds.tariterators.url_opener([{"url": shard}], handler=handler):
-        try:
-            yield source
-        finally:
-            source["stream"].close()
-
-
-def _samples_of_shard(shard: str, *, policy: SkipPolicy) -> Iterator[dict[str, Any]]:
-    """Raw samples ``{"__key__", "__url__", <extension>: bytes}`` of one shard, duplicates removed."""
-    handler = _ShardErrorHandler(shard=shard, policy=policy)
-    opened = _open_shard(shard, handler=handler)
-    files = wds.tariterators.tar_file_expander(opened, handler=handler, eof_value=None)
     keys_in_shard: set[str] = set()
-
-    def finished(sample: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
-        if sample is None:
+    samples = read_shard_samples(shard, max_image_pixels=max_image_pixels)
+    while True:
+        try:
+            sample = next(samples)
+        except StopIteration:
+            break
+        except ShardReadError as error:
+            policy.skip(reason="unreadable_shard", shard=shard.url, key=None, detail=str(error))
             return
         key = sample["__key__"]
         if key in keys_in_shard:
             # Kept: the first sample under this key; a repeat would be a second, different "same" image.
-            policy.skip(
-                reason="duplicate_key", shard=shard, key=key, detail="the key occurs twice in the shard"
-            )
-            return
+            policy.skip(reason="duplicate_key", shard=shard.url, key=key, detail="the key occurs twice in the shard")
+            continue
         keys_in_shard.add(key)
         policy.accept()
         yield sample
-
-    current: dict[str, Any] | None = None
-    for file in files:
-        key, extension = wds.tariterators.base_plus_ext(file["fname"])
-        if key is None:
-            continue  # a file without an extension belongs to no sample
-        extension = extension.lower()
-        # A new key starts a sample; so does a repeated extension (the same key written twice in a row).
-        if current is None or key != current["__key__"] or extension in current:
-            yield from finished(current)
-            current = {"__key__": key, "__url__": shard}
-        current[extension] = file["data"]
-    yield from finished(current)
+    if not keys_in_shard:
+        policy.skip(reason="empty_shard", shard=shard.url, key=None, detail="the shard holds no sample")
 
 
 def _read_shards(
-    shard_source: Iterable[dict[str, str]],
+    shard_source: Iterable[Shard],
     *,
     policy: SkipPolicy,
+    max_image_pixels: int,
     max_consecutive_empty_shards: int | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Samples of each shard in turn; ``max_consecutive_empty_shards`` guards an endless (resampled) source.
@@ -480,7 +399,7 @@ def _read_shards(
     consecutive_empty_shards = 0
     for shard in shard_source:
         shard_was_empty = True
-        for sample in _samples_of_shard(shard["url"], policy=policy):
+        for sample in _samples_of_shard(shard, policy=policy, max_image_pixels=max_image_pixels):
             shard_was_empty = False
             yield sample
         consecutive_empty_shards = consecutive_empty_shards + 1 if shard_was_empty else 0
@@ -489,69 +408,65 @@ def _read_shards(
             and consecutive_empty_shards > max_consecutive_empty_shards
         ):
             raise ShardDataError(
-                f"{consecutive_empty_shards} shards in a row held no usable sample (last: {shard['url']}); the "
+                f"{consecutive_empty_shards} shards in a row held no usable sample (last: {shard.url}); the "
                 f"training shards look empty or unreadable; check them or {_CONVERT_HINT}"
             )
 
 
-def _parse_label(value: bytes) -> int:
-    text = value.decode("utf-8").strip()
-    label = int(text)  # ValueError for "", "3.0", "cat"
-    if label < 0:
-        raise ValueError(f"negative label {label}")
-    return label
-
-
-def _decode_image(value: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(value)) as image:
-        image.load()  # decode now: a truncated file fails here rather than inside the transform
-        return image.convert("RGB")
-
-
 def _decode_and_transform(
-    samples: Iterable[dict[str, Any]], *, transform: Callable[[Image.Image], torch.Tensor], policy: SkipPolicy
+    samples: Iterable[dict[str, Any]],
+    *,
+    transform: Callable[[Image.Image], torch.Tensor],
+    policy: SkipPolicy,
+    max_image_pixels: int,
 ) -> Iterator[dict[str, Any]]:
     for sample in samples:
-        shard, key = sample["__url__"], sample["__key__"]
-        image_extension = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
-        if image_extension is None:
-            present = sorted(k for k in sample if not k.startswith("__"))
-            policy.skip(
-                reason="missing_image",
-                shard=shard,
-                key=key,
-                already_seen=True,
-                detail=f"no {'/'.join(IMAGE_EXTENSIONS)} entry (has {present})",
-            )
-            continue
-        if LABEL_EXTENSION not in sample:
-            policy.skip(
-                reason="missing_label", shard=shard, key=key, detail="no cls entry", already_seen=True
-            )
-            continue
-        try:
-            label = _parse_label(sample[LABEL_EXTENSION])
-        except (UnicodeDecodeError, ValueError):
-            policy.skip(
-                reason="bad_label",
-                shard=shard,
-                key=key,
-                already_seen=True,
-                detail=f"cls is {sample[LABEL_EXTENSION][:20]!r}, not a non-negative integer",
-            )
-            continue
-        try:
-            image = _decode_image(sample[image_extension])
-        except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-            policy.skip(
-                reason="undecodable_image",
-                shard=shard,
-                key=key,
-                already_seen=True,
-                detail=f"{image_extension} does not decode ({type(error).__name__}: {error})",
-            )
-            continue
-        yield {"image": transform(image), "label": label, "key": key}
+        decoded = decode_sample(sample, policy=policy, max_image_pixels=max_image_pixels)
+        if decoded is not None:
+            image, label = decoded
+            yield {"image": transform(image), "label": label, "key": sample["__key__"]}
+
+
+def decode_sample(
+    sample: dict[str, Any], *, policy: SkipPolicy, max_image_pixels: int
+) -> tuple[Image.Image, int] | None:
+    """``(RGB image, label)`` of a raw sample, or None after reporting why it is bad to ``policy``.
+
+    The one place a shard sample's image and label are decoded: training, evaluation and pretokenization share it.
+    """
+    shard, key = sample["__url__"], sample["__key__"]
+
+    def bad(reason: str, detail: str) -> None:
+        policy.skip(reason=reason, shard=shard, key=key, already_seen=True, detail=detail)
+
+    image_extension = next((ext for ext in IMAGE_EXTENSIONS if sample.get(ext) is not None), None)
+    if image_extension is None:
+        present = sorted(k for k in sample if not k.startswith("__"))
+        bad("missing_image", f"no {'/'.join(IMAGE_EXTENSIONS)} entry (has {present})")
+        return None
+    if sample.get(LABEL_EXTENSION) is None:
+        bad("missing_label", "no cls entry")
+        return None
+    for extension in (image_extension, LABEL_EXTENSION):
+        member = sample[extension]
+        if isinstance(member, OversizedMember):
+            reason = "bad_label" if extension == LABEL_EXTENSION else "oversized_image"
+            bad(reason, f"{extension} is {member.size:,} bytes, over the {member.limit:,} read for it (not read)")
+            return None
+    try:
+        label = parse_label(sample[LABEL_EXTENSION])
+    except ValueError as error:
+        bad("bad_label", str(error))
+        return None
+    try:
+        image = decode_image(sample[image_extension], max_pixels=max_image_pixels)
+    except ImageTooLargeError as error:
+        bad("oversized_image", f"{image_extension} is {error}; raise data.max_image_pixels if such images are wanted")
+        return None
+    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        bad("undecodable_image", f"{image_extension} does not decode ({type(error).__name__}: {error})")
+        return None
+    return image, label
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -569,7 +484,7 @@ class ImageShardDataset(wds.DataPipeline):
     def __init__(
         self,
         *,
-        shards: Sequence[str],
+        shards: Sequence[Shard],
         transform: Callable[[Image.Image], torch.Tensor],
         policy: SkipPolicy,
         resampled: bool,
@@ -577,6 +492,7 @@ class ImageShardDataset(wds.DataPipeline):
         world_size: int,
         seed: int,
         shuffle_buffer: int,
+        max_image_pixels: int = MIN_DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         super().__init__()
         if not isinstance(world_size, int) or world_size < 1:
@@ -587,7 +503,10 @@ class ImageShardDataset(wds.DataPipeline):
             raise ValueError(f"seed must be non-negative, got {seed}")
         if shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0 (0 or 1: no shuffling), got {shuffle_buffer}")
-        self.shards = list(shards)
+        if not isinstance(max_image_pixels, int) or max_image_pixels <= 0:
+            raise ValueError(f"max_image_pixels must be a positive integer, got {max_image_pixels!r}")
+        self.shards = [shard if isinstance(shard, Shard) else Shard(url=str(shard)) for shard in shards]
+        self.max_image_pixels = max_image_pixels
         self.transform = transform
         self.policy = policy
         self.resampled = resampled
@@ -619,24 +538,19 @@ class ImageShardDataset(wds.DataPipeline):
         stream = (self.seed, self.rank, worker_id, self._iteration_epoch)
         if self.resampled:
             shard_seed = _derived_seed(*stream, _SHARD_STREAM)
+            by_url = {shard.url: shard for shard in self.shards}
             # deterministic=True: webdataset mixes only our seed and its own epoch (no pid or clock).
-            shard_source: Iterable[dict[str, str]] = wds.ResampledShards(
-                self.shards, worker_seed=lambda: shard_seed, deterministic=True
-            )
+            draws = wds.ResampledShards([shard.url for shard in self.shards], worker_seed=lambda: shard_seed,
+                                        deterministic=True)
+            shard_source: Iterable[Shard] = (by_url[draw["url"]] for draw in draws)
         else:
-            shard_source = [
-                {"url": url}
-                for url in shards_for_rank_and_worker(
-                    self.shards,
-                    rank=self.rank,
-                    world_size=self.world_size,
-                    worker_id=worker_id,
-                    num_workers=num_workers,
-                )
-            ]
+            shard_source = shards_for_rank_and_worker(
+                self.shards, rank=self.rank, world_size=self.world_size, worker_id=worker_id, num_workers=num_workers
+            )
         samples = _read_shards(
             shard_source,
             policy=self.policy,
+            max_image_pixels=self.max_image_pixels,
             # Far beyond chance: with one usable shard in n, n * 50 empty draws in a row have odds of ~e^-50.
             max_consecutive_empty_shards=50 * len(self.shards) if self.resampled else None,
         )
@@ -648,7 +562,9 @@ class ImageShardDataset(wds.DataPipeline):
                 rng=random.Random(_derived_seed(*stream, _SHUFFLE_STREAM)),
             )
             samples = shuffle(samples)
-        return _decode_and_transform(samples, transform=self.transform, policy=self.policy)
+        return _decode_and_transform(
+            samples, transform=self.transform, policy=self.policy, max_image_pixels=self.max_image_pixels
+        )
 
 
 class SizedImageShardDataset(ImageShardDataset):
@@ -679,6 +595,7 @@ def make_train_dataset(
     max_skip_rate: float = 0.01,
     min_samples_for_skip_rate: int = 100,
     skip_counter: SkipCounter | None = None,
+    max_image_pixels: int = MIN_DEFAULT_MAX_IMAGE_PIXELS,
 ) -> SizedImageShardDataset:
     """Endless resampled training stream cut into epochs of ``samples_per_epoch`` (rounded up to whole batches).
 
@@ -702,7 +619,7 @@ def make_train_dataset(
     return SizedImageShardDataset(
         samples_per_worker=samples_per_worker,
         num_workers=num_workers,
-        shards=expand_shard_pattern(shards),
+        shards=expand_shards(shards),
         transform=transform,
         policy=policy,
         resampled=True,
@@ -710,6 +627,7 @@ def make_train_dataset(
         world_size=world_size,
         seed=seed,
         shuffle_buffer=shuffle_buffer,
+        max_image_pixels=max_image_pixels,
     )
 
 
@@ -720,13 +638,14 @@ def make_eval_dataset(
     rank: int = 0,
     world_size: int = 1,
     skip_counter: SkipCounter | None = None,
+    max_image_pixels: int = MIN_DEFAULT_MAX_IMAGE_PIXELS,
 ) -> ImageShardDataset:
     """Every sample of ``shards`` exactly once over all ranks and workers, in shard order; raises on bad data.
 
     Ranks get whole shards (``shards[rank::world_size]``), so they may hold different numbers of samples:
     aggregate metrics with cross-rank sums (torchmetrics), not per-step collectives.
     """
-    shard_list = expand_shard_pattern(shards)
+    shard_list = expand_shards(shards)
     if len(shard_list) < world_size:
         warnings.warn(
             f"{len(shard_list)} evaluation shards for world_size={world_size}: ranks from {len(shard_list)} on "
@@ -743,6 +662,7 @@ def make_eval_dataset(
         world_size=world_size,
         seed=0,
         shuffle_buffer=0,
+        max_image_pixels=max_image_pixels,
     )
 
 

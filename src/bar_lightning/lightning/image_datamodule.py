@@ -44,6 +44,7 @@ from bar_lightning.data.images import (
     make_eval_dataset,
     make_train_dataset,
 )
+from bar_lightning.data.shards import default_max_image_pixels
 from bar_lightning.lightning.token_datamodule import (
     EpochSyncedDataLoader,
     EpochSyncedDataModule,
@@ -79,6 +80,7 @@ class ImageDataModule(EpochSyncedDataModule):
         min_samples_for_skip_rate: int = 100,
         pin_memory: bool | None = None,
         persistent_workers: bool | None = None,
+        max_image_pixels: int | None = None,
     ) -> None:
         super().__init__()
         if not train_shards:
@@ -105,6 +107,11 @@ class ImageDataModule(EpochSyncedDataModule):
             raise ValueError(f"max_skip_rate must be in [0, 1], got {max_skip_rate}")
         if seed < 0:
             raise ValueError(f"seed must be non-negative, got {seed}")
+        if max_image_pixels is not None and (not isinstance(max_image_pixels, int) or max_image_pixels <= 0):
+            raise ValueError(
+                f"max_image_pixels must be a positive integer or None (max(4096², 16 x crop area)), got "
+                f"{max_image_pixels!r}"
+            )
         # Fail at construction, not deep inside a worker, when the transform sizes are inconsistent.
         self.train_transform = build_image_transform(
             resize_shorter_edge=resize_shorter_edge,
@@ -127,6 +134,8 @@ class ImageDataModule(EpochSyncedDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers
         self.skip_counter = SkipCounter(max_workers=num_workers)
+        # Images over this many pixels are refused from their header, before they are decoded.
+        self.max_image_pixels = max_image_pixels if max_image_pixels is not None else default_max_image_pixels(crop_size)
         self.train_dataset: SizedImageShardDataset | None = None
         self.eval_dataset: ImageShardDataset | None = None
         self._epoch = 0
@@ -160,11 +169,13 @@ class ImageDataModule(EpochSyncedDataModule):
             max_skip_rate=self.max_skip_rate,
             min_samples_for_skip_rate=self.min_samples_for_skip_rate,
             skip_counter=self.skip_counter,
+            max_image_pixels=self.max_image_pixels,
         )
         self.train_dataset.set_epoch(self._epoch)
         if self.eval_shards:
             self.eval_dataset = make_eval_dataset(
-                shards=self.eval_shards, transform=self.eval_transform, rank=rank, world_size=world_size
+                shards=self.eval_shards, transform=self.eval_transform, rank=rank, world_size=world_size,
+                max_image_pixels=self.max_image_pixels,
             )
 
     def _loader_kwargs(self) -> dict[str, Any]:
