@@ -14,14 +14,18 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from bar_lightning.config.schema import validate_train_config
+from bar_lightning.io import remove_stale_temporaries
 from bar_lightning.lightning.callbacks import GlobalBatchMonitor
 from bar_lightning.lightning.checkpointing import (
     LAST_CHECKPOINT_NAME,
     AtomicCheckpointIO,
     CheckpointReadError,
     FinalCheckpoint,
-    check_training_checkpoint,
-    newest_valid_checkpoint,
+    RunIdentity,
+    check_nothing_is_overwritten,
+    checkpoint_to_resume,
+    inspect_checkpoint,
+    scan_checkpoints,
 )
 from bar_lightning.lightning.generator_module import GeneratorModule
 from bar_lightning.lightning.image_datamodule import ImageDataModule, SyntheticImageDataModule
@@ -30,6 +34,7 @@ from bar_lightning.lightning.random_state import RandomStateCheckpoint
 from bar_lightning.lightning.strategies import strategy_for_task
 from bar_lightning.lightning.token_datamodule import TokenDataModule
 from bar_lightning.lightning.tokenizer_module import TokenizerModule
+from bar_lightning.run_lock import run_lock
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +72,7 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
 
         callbacks = [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
     callbacks.append(RandomStateCheckpoint(seed=cfg.seed))
+    callbacks.append(RunIdentity(run_identity(cfg)))
     callbacks.append(GlobalBatchMonitor(per_process_batch_size=cfg.data.batch_size))
     plugins: list[Any] = [AtomicCheckpointIO()]
     if trainer_kwargs.get("enable_checkpointing", True) and not trainer_kwargs.get("fast_dev_run"):
@@ -137,33 +143,64 @@ def initialise_encoder(module: TokenizerModule, weights: str) -> None:
     log.info("initialised the tokenizer encoder from %s", weights)
 
 
+def run_identity(cfg: DictConfig) -> dict[str, Any] | None:
+    """What makes a run this run and no other: its task, seed and model (not its schedule, devices or paths).
+
+    Stamped into every checkpoint (`RunIdentity`): a checkpoint whose identity differs was written by another run.
+    """
+    if cfg.get("model") is None:
+        return None
+    model = OmegaConf.to_container(cfg.model, resolve=True) if isinstance(cfg.model, DictConfig) else cfg.model
+    return {"task": cfg.get("task"), "seed": cfg.get("seed"), "model": model}
+
+
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """The checkpoint this run resumes from: the user's `ckpt_path`, else the newest valid one this run wrote.
+    """The checkpoint this run resumes from: the user's `ckpt_path`, else the most advanced one this run wrote.
 
     Only two sources are ever loaded: the file the user named, and the checkpoints in this run directory's own
-    `checkpoints/` folder (normally `last.ckpt`, written by a previous attempt of the same command). A truncated or
-    corrupt newest file there is reported by name and the previous valid one is used. Both are vetted with
-    `weights_only=True` before Lightning reads them (again without running code).
+    `checkpoints/` folder written by this run (same identity: task, seed, model). Among those the highest
+    `global_step` wins, `last.ckpt` on a tie; a truncated or corrupt file is reported by name and skipped. All are
+    read with `weights_only=True` (again without running code). The run refuses to start where it would overwrite
+    another run's checkpoints or a later step of its own.
     """
+    scan = scan_checkpoints(checkpoint_folder(cfg), run_identity(cfg))
     if cfg.ckpt_path:
         if not Path(cfg.ckpt_path).is_file():
             raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
         try:
-            check_training_checkpoint(cfg.ckpt_path)
+            named = inspect_checkpoint(cfg.ckpt_path)
         except CheckpointReadError as error:
             raise CheckpointReadError(f"ckpt_path: {error}") from error
-        log.info("Resuming from %s (ckpt_path)", cfg.ckpt_path)
+        check_nothing_is_overwritten(scan, start_step=named.global_step, start=f"ckpt_path={cfg.ckpt_path}")
+        log.info("Resuming from %s at step %d (ckpt_path)", cfg.ckpt_path, named.global_step)
         return str(cfg.ckpt_path)
-    newest = newest_valid_checkpoint(checkpoint_folder(cfg))
-    if newest is not None:
-        log.info("Resuming from %s", newest)
-        return str(newest)
+    chosen = checkpoint_to_resume(scan)
+    check_nothing_is_overwritten(
+        scan, start_step=chosen.global_step if chosen is not None else 0,
+        start=f"resuming from {chosen.path.name}" if chosen is not None else "a fresh start",
+    )
+    if chosen is not None:
+        log.info("Resuming from %s at step %d (the most advanced checkpoint of this run)", chosen.path,
+                 chosen.global_step)
+        return str(chosen.path)
     return None
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Validate `cfg`, build the job it describes and fit it; returns the final logged metrics."""
+    """Validate `cfg`, build the job it describes and fit it; returns the final logged metrics.
+
+    The run directory is held by this process for the whole run (`run.lock`): a second train.py started in it stops
+    at once naming this one. Temporary files left by a killed save are removed first.
+    """
     cfg = validate_train_config(cfg)
+    with run_lock(cfg.paths.output_dir, purpose="train.py") as lock:
+        if lock is not None:
+            for folder in (Path(cfg.paths.output_dir), checkpoint_folder(cfg)):
+                remove_stale_temporaries(folder)
+        return _fit(cfg)
+
+
+def _fit(cfg: DictConfig) -> dict[str, float]:
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg)

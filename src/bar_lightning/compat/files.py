@@ -13,6 +13,46 @@ import torch
 STRIPPED_PREFIXES = ("_orig_mod.", "module.")  # added by torch.compile and by DDP wrappers
 
 
+class UpstreamConfigError(ValueError):
+    """An official yaml that cannot be read or used; the message names the file and the key."""
+
+
+def load_yaml_config(path: str | os.PathLike, *, key: str) -> dict[str, Any]:
+    """An official yaml file as a plain dict with `${...}` interpolations resolved; errors name `key`, file, entry."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}={path} does not exist (the official yaml of that model)")
+    try:
+        config = OmegaConf.load(path)
+    except Exception as error:  # yaml's scanner and parser errors have many types
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UpstreamConfigError(f"{key}={path} is not a readable YAML file ({first_line})") from None
+    if not isinstance(config, DictConfig):
+        raise UpstreamConfigError(f"{key}={path} holds a list, not a mapping like the official configs")
+    try:
+        return OmegaConf.to_container(config, resolve=True)
+    except OmegaConfBaseException as error:
+        where = getattr(error, "full_key", None) or "?"
+        message = str(error).strip().splitlines()[0]
+        raise UpstreamConfigError(f"{key}={path}: entry {where} cannot be resolved ({message})") from None
+
+
+def config_number(value: Any, where: str, kind: type = int) -> Any:
+    """`value` as an int (or float) for the config entry `where`; anything else raises naming the entry."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{where}={value!r} is not a number")
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}={value!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if kind is int and isinstance(value, float) and value != number:
+        raise ValueError(f"{where}={value!r} is not an integer")
+    return number
+
+
 def to_plain(config: Any) -> Any:
     """OmegaConf containers -> plain dicts/lists, so callers may pass either."""
     try:

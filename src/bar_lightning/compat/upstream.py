@@ -17,7 +17,13 @@ from typing import Any
 
 import torch
 
-from bar_lightning.compat.files import format_keys, load_state_dict_file, strip_prefixes, to_plain
+from bar_lightning.compat.files import (
+    config_number,
+    format_keys,
+    load_state_dict_file,
+    strip_prefixes,
+    to_plain,
+)
 from bar_lightning.models.bar import BARGenerator
 from bar_lightning.models.layers import rope_2d_tables
 
@@ -35,37 +41,46 @@ def generator_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
             "an upstream config must look like {'model': {'vq_model': {...}, 'generator': {...}}} "
             f"(as in the official configs/generator/*.yaml); missing {error}"
         ) from error
+    if not isinstance(generator, Mapping) or not isinstance(vq_model, Mapping):
+        raise ValueError("model.generator and model.vq_model must be mappings, as in the official configs")
     required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "image_seq_len", "condition_num_classes"]
     missing = [key for key in required if key not in generator]
     if "token_size" not in vq_model:
         missing.append("vq_model.token_size")
     if missing:
         raise ValueError(f"upstream generator config lacks {missing}")
-    codebook = generator.get("target_codebook_size", 2)
+
+    def number(section: Mapping[str, Any], name: str, where: str, default: Any = None, kind: type = int) -> Any:
+        value = section.get(name, default)
+        return config_number(default if value is None else value, f"model.{where}.{name}", kind)
+
+    codebook = number(generator, "target_codebook_size", "generator", 2)
     if codebook != 2:
         raise ValueError(f"model.generator.target_codebook_size={codebook}: BAR predicts bits, it must be 2")
-    token_size = int(vq_model["token_size"])
-    if "codebook_size" in vq_model and int(vq_model["codebook_size"]) != 2**token_size:
+    token_size = number(vq_model, "token_size", "vq_model")
+    if "codebook_size" in vq_model and number(vq_model, "codebook_size", "vq_model") != 2**token_size:
         raise ValueError(
             f"model.vq_model.codebook_size={vq_model['codebook_size']} != 2**token_size={2**token_size}; "
             "a binary FSQ tokenizer with token_size bits has 2**token_size codes"
         )
     head = generator.get("mbm_head", {}) or {}
+    if not isinstance(head, Mapping):
+        raise ValueError(f"model.generator.mbm_head={head!r} must be a mapping (width, num_layers)")
+    latent = {name: generator.get(name) for name in ("latent_height", "latent_width")}
     return {
-        "hidden_size": int(generator["hidden_size"]),
-        "num_layers": int(generator["num_hidden_layers"]),
-        "num_heads": int(generator["num_attention_heads"]),
-        "num_tokens": int(generator["image_seq_len"]),
+        "hidden_size": number(generator, "hidden_size", "generator"),
+        "num_layers": number(generator, "num_hidden_layers", "generator"),
+        "num_heads": number(generator, "num_attention_heads", "generator"),
+        "num_tokens": number(generator, "image_seq_len", "generator"),
         "bits_per_token": token_size,
-        "num_classes": int(generator["condition_num_classes"]),
-        "patch_size": int(generator.get("patch_size", 1) or 1),
-        "latent_height": generator.get("latent_height"),
-        "latent_width": generator.get("latent_width"),
-        "repeat_class_condition": int(generator.get("repeat_class_condition", 32)),
-        "dropout": float(generator.get("dropout", 0.0)),
+        "num_classes": number(generator, "condition_num_classes", "generator"),
+        "patch_size": number(generator, "patch_size", "generator", 1) or 1,
+        **{name: None if value is None else number(generator, name, "generator") for name, value in latent.items()},
+        "repeat_class_condition": number(generator, "repeat_class_condition", "generator", 32),
+        "dropout": number(generator, "dropout", "generator", 0.0, kind=float),
         "head": "mbm",
-        "head_width": int(head.get("width", 2048)),
-        "head_layers": int(head.get("num_layers", 3)),
+        "head_width": number(head, "width", "generator.mbm_head", 2048),
+        "head_layers": number(head, "num_layers", "generator.mbm_head", 3),
         "use_checkpoint": bool(generator.get("use_checkpoint", False)),
     }
 

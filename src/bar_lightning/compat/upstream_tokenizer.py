@@ -38,8 +38,8 @@ from typing import Any
 
 import torch
 
+from bar_lightning.compat.files import config_number, load_state_dict_file, strip_prefixes
 from bar_lightning.compat.files import format_keys as _format_keys
-from bar_lightning.compat.files import load_state_dict_file, strip_prefixes
 from bar_lightning.compat.files import to_plain as _to_plain
 from bar_lightning.models.fsq import BinaryFSQ
 from bar_lightning.models.tokenizer import BarFSQTokenizer
@@ -125,6 +125,10 @@ def _section(config: Mapping[str, Any], *path: str) -> Any:
     return node
 
 
+def _int(config: Mapping[str, Any], *path: str) -> int:
+    return config_number(_section(config, *path), ".".join(path))
+
+
 def tokenizer_kwargs(
     config: Mapping[str, Any],
     encoder: Mapping[str, Any] | None = None,
@@ -141,20 +145,20 @@ def tokenizer_kwargs(
     """
     config = _to_plain(config)
     vq = _section(config, "model", "vq_model")
-    token_size = int(_section(config, "model", "vq_model", "token_size"))
+    token_size = _int(config, "model", "vq_model", "token_size")
     codebook_size = vq.get("codebook_size")
-    if codebook_size is not None and int(codebook_size) != 2**token_size:
+    if codebook_size is not None and config_number(codebook_size, "model.vq_model.codebook_size") != 2**token_size:
         raise ValueError(
             f"model.vq_model.codebook_size={codebook_size} must equal 2**token_size = {2**token_size} "
             "(binary FSQ: two levels per bit)"
         )
     losses = config.get("losses") or {}
     kwargs: dict[str, Any] = {
-        "image_size": int(_section(config, "dataset", "preprocessing", "crop_size")),
+        "image_size": _int(config, "dataset", "preprocessing", "crop_size"),
         "bits_per_token": token_size,
-        "decoder_patch_size": int(_section(config, "model", "vq_model", "vit_dec_patch_size")),
-        "clip_distillation": float(losses.get("clip_loss_weight", 0.0)) > 0,
-        "clip_align_layer_id": int(vq.get("clip_align_layer_id", 2)),
+        "decoder_patch_size": _int(config, "model", "vq_model", "vit_dec_patch_size"),
+        "clip_distillation": config_number(losses.get("clip_loss_weight", 0.0), "losses.clip_loss_weight", float) > 0,
+        "clip_align_layer_id": config_number(vq.get("clip_align_layer_id", 2), "model.vq_model.clip_align_layer_id"),
         "use_checkpoint": bool(vq.get("use_checkpoint", False)),
     }
     for name, value in (_to_plain(encoder) or {}).items():
@@ -319,17 +323,17 @@ def load_decoder(
             raise ValueError(f"unknown decoder override {name!r}; expected one of {sorted(sizes)}")
         sizes[name] = value
     losses = config.get("losses") or {}
-    clip_on = float(losses.get("clip_loss_weight", 0.0)) > 0
+    clip_on = config_number(losses.get("clip_loss_weight", 0.0), "losses.clip_loss_weight", float) > 0
     projector_out = state_dict.get("clip_projector.4.weight")
     kwargs = dict(
-        image_size=int(_section(config, "dataset", "preprocessing", "crop_size")),
-        patch_size=int(_section(config, "model", "vq_model", "vit_dec_patch_size")),
+        image_size=_int(config, "dataset", "preprocessing", "crop_size"),
+        patch_size=_int(config, "model", "vq_model", "vit_dec_patch_size"),
         width=int(sizes["width"]),
         num_layers=int(sizes["num_layers"]),
         num_heads=int(sizes["num_heads"]),
         mlp_ratio=float(sizes["mlp_ratio"]),
         clip_target_width=(int(projector_out.shape[0]) if projector_out is not None else 1152) if clip_on else None,
-        clip_align_layer_id=int(vq.get("clip_align_layer_id", 2)),
+        clip_align_layer_id=config_number(vq.get("clip_align_layer_id", 2), "model.vq_model.clip_align_layer_id"),
         use_checkpoint=bool(vq.get("use_checkpoint", False)),
     )
     prefixed = {"decoder." + key: value for key, value in state_dict.items()}

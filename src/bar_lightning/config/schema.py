@@ -8,6 +8,7 @@ or a wrong type (`model.hidden_size: big`) stops the run with the full key path,
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -429,20 +430,33 @@ def closest_key_hint(error: OmegaConfBaseException, schema: type) -> str:
     return "\n    did you mean: " + " or ".join(prefix + match for match in matches) + "?"
 
 
-def check_sampling(sampling: DictConfig, bits_per_step: int, head: str) -> None:
-    if head == "mbm":
-        try:
-            validate_tokens_allocation(list(sampling.tokens_allocation), bits_per_step)
-        except ValueError as error:
-            raise ConfigError(f"sampling.tokens_allocation: {error}") from error
-    if sampling.temperature < 0:
-        raise ConfigError(f"sampling.temperature={sampling.temperature} must be >= 0")
-    if sampling.guidance_scale < 0:
-        raise ConfigError(f"sampling.guidance_scale={sampling.guidance_scale} must be >= 0 (<= 1 disables CFG)")
-    check_sampling_precision(sampling)
+def check_sampling(sampling: DictConfig, bits_per_step: int, head: str) -> list[int]:
+    """The one check of sampling settings (train.py, evaluate.py): values, then the schedule against the model.
+
+    Returns the tokens allocation a generator with `bits_per_step` bits per AR step samples with.
+    """
+    check_sampling_values(sampling)
+    if head != "mbm":
+        return [bits_per_step]  # the linear head samples all bits of a step at once
+    try:
+        return validate_tokens_allocation(list(sampling.tokens_allocation), bits_per_step)
+    except ValueError as error:
+        raise ConfigError(f"sampling.tokens_allocation={list(sampling.tokens_allocation)}: {error}") from error
 
 
-def check_sampling_precision(sampling: DictConfig) -> None:
+def check_sampling_values(sampling: DictConfig) -> None:
+    """Sampling values that need no model: finite guidance >= 1, finite temperature >= 0, a known precision."""
+    guidance, temperature = sampling.guidance_scale, sampling.temperature
+    if not math.isfinite(guidance) or guidance < 1:
+        raise ConfigError(
+            f"sampling.guidance_scale={guidance} must be a finite number >= 1: 1 turns classifier-free guidance off, "
+            "larger values strengthen it (BAR guides only above 1, so a smaller value would sample like 1 and be "
+            "recorded as if used)"
+        )
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ConfigError(
+            f"sampling.temperature={temperature} must be a finite number >= 0 (0 picks the most likely bits)"
+        )
     if sampling.precision not in SAMPLING_PRECISIONS:
         raise ConfigError(f"sampling.precision={sampling.precision!r} is unknown; use one of {list(SAMPLING_PRECISIONS)}")
 
@@ -486,6 +500,11 @@ def validate_train_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"task={task!r} is unknown; use one of {sorted(SCHEMAS)} (set by the experiment)")
     merged = merge_with_schema(cfg, SCHEMAS[task])
     check_preemption(merged.preemption)
+    if merged.trainer.max_steps <= 0 and not merged.trainer.fast_dev_run:
+        raise ConfigError(
+            f"trainer.max_steps={merged.trainer.max_steps} must be a positive number of optimiser steps (runs are "
+            "step-based: the learning-rate schedule, optim.total_steps, follows it)"
+        )
     if task == "tokenizer":
         validate_tokenizer_config(merged)
         return merged
@@ -602,9 +621,8 @@ def validate_evaluate_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError("generator.upstream_weights needs generator.upstream_config=<the upstream yaml of that model>")
     if merged.num_samples_per_class <= 0 or merged.batch_size <= 0:
         raise ConfigError("num_samples_per_class and batch_size must be positive")
-    if merged.sampling.temperature < 0:
-        raise ConfigError(f"sampling.temperature={merged.sampling.temperature} must be >= 0")
-    check_sampling_precision(merged.sampling)
+    # The model-dependent half (tokens_allocation against the bits per step) runs once the generator is loaded.
+    check_sampling_values(merged.sampling)
     tokenizer = merged.tokenizer
     if tokenizer.checkpoint and tokenizer.upstream_weights:
         raise ConfigError("give one of tokenizer.checkpoint or tokenizer.upstream_weights, not both")

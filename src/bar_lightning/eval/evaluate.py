@@ -10,21 +10,27 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.progress import Progress
 
-from bar_lightning.config.schema import ConfigError
-from bar_lightning.distributed import join_torchrun_process_group
-from bar_lightning.eval.sampling import balanced_labels, load_generator_from_source, resolve_device
+from bar_lightning.config.schema import ConfigError, check_sampling
+from bar_lightning.distributed import hold_output_folder, join_torchrun_process_group
+from bar_lightning.eval.sampling import (
+    balanced_labels,
+    load_generator_from_source,
+    load_tokenizer_from_source,
+    resolve_device,
+)
 from bar_lightning.io import atomic_write, atomic_write_json
 from bar_lightning.models.bar import BARGenerator
-from bar_lightning.models.mbm_head import validate_tokens_allocation
+from bar_lightning.provenance import model_source_record, provenance
 
 log = logging.getLogger(__name__)
 
@@ -33,25 +39,6 @@ def to_uint8_images(images: torch.Tensor) -> np.ndarray:
     """`[B, 3, H, W]` in [-1, 1] -> `[B, H, W, 3]` uint8, clamped then truncated as the official sampler does."""
     scaled = torch.clamp(127.5 * images + 128.0, 0, 255)
     return scaled.permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
-
-
-def load_tokenizer_from_source(source: DictConfig, *, decode_only: bool = True) -> torch.nn.Module:
-    """The tokenizer for decoding: a TokenizerModule checkpoint (EMA weights) or released weights + yaml."""
-    if source.get("checkpoint"):
-        from bar_lightning.lightning.tokenizer_module import TokenizerModule
-
-        path = Path(source.checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer.checkpoint={path} does not exist (a checkpoint written by train.py)")
-        return TokenizerModule.load_tokenizer(path, use_ema=True, decode_only=decode_only)
-    from bar_lightning.compat.upstream import load_tokenizer
-
-    config_path, weights = Path(source.upstream_config or ""), Path(source.upstream_weights or "")
-    for key, path in (("upstream_config", config_path), ("upstream_weights", weights)):
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer.{key}={path} does not exist")
-    config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=False)
-    return load_tokenizer(config, weights, decode_only=decode_only)
 
 
 def shard_indices(num_samples: int, rank: int, world_size: int) -> list[int]:
@@ -183,17 +170,32 @@ def run_speed_benchmark(generator: BARGenerator, tokenizer: torch.nn.Module | No
 
 
 def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
-    """Sample (or time) as `cfg` says; returns the metrics written to `metrics.json` (rank 0)."""
+    """Sample (or time) as `cfg` says; returns the metrics written to `metrics.json` (rank 0).
+
+    The output folder is held by this job for the whole evaluation (`run.lock`): a second evaluate.py started in the
+    same folder stops at once naming this one, instead of both writing `metrics.json`.
+    """
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     rank, world_size = join_torchrun_process_group()
+    output = Path(cfg.paths.output_dir)
+    with hold_output_folder(output, purpose="evaluate.py", rank=rank, world_size=world_size):
+        return _evaluate(cfg, rank=rank, world_size=world_size, output=output)
+
+
+def _evaluate(cfg: DictConfig, *, rank: int, world_size: int, output: Path) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    output = Path(cfg.paths.output_dir)
     output.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        # Parts of a killed earlier attempt with more processes: never merged, never overwritten (ours are).
+        for stale_part in output.glob(".part_rank*.npz"):
+            if int(re.fullmatch(r"\.part_rank(\d+)\.npz", stale_part.name)[1]) >= world_size:
+                stale_part.unlink(missing_ok=True)
 
     metric_names = list(cfg.metrics.names)
     generator = load_generator_from_source(cfg.generator).to(device).eval()
+    allocation = check_sampling(cfg.sampling, generator.bits_per_step, generator.head_type)
     if cfg.sampling.compile and device.type == "cuda":
         generator.compile_decode()
     classes = list(cfg.classes) if cfg.classes is not None else list(range(generator.num_classes))
@@ -203,7 +205,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         check_metric_request(cfg.metrics, num_samples=cfg.num_samples_per_class * len(classes))
     tokenizer = None
     if cfg.tokenizer.checkpoint or cfg.tokenizer.upstream_weights:
-        tokenizer = load_tokenizer_from_source(cfg.tokenizer).to(device).eval()
+        tokenizer = load_tokenizer_from_source(cfg.tokenizer, decode_only=True).to(device).eval()
         check_compatible(generator, tokenizer)
     elif metric_names or cfg.save.npz or cfg.save.png:
         raise ConfigError(
@@ -211,18 +213,14 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
             "tokenizer.upstream_weights + tokenizer.upstream_config; or save only bits (save.npz=false save.png=false "
             "metrics.names=[])"
         )
-    if generator.head_type == "mbm":
-        try:
-            allocation = validate_tokens_allocation(list(cfg.sampling.tokens_allocation), generator.bits_per_step)
-        except ValueError as error:
-            raise ConfigError(f"sampling.tokens_allocation: {error}") from error
-    else:
-        allocation = [generator.bits_per_step]
+    # What made the result: the generator and tokenizer files (with content hashes), config, seed and code.
+    record = provenance(cfg, inputs={"generator": model_source_record(cfg.generator),
+                                     "tokenizer": model_source_record(cfg.tokenizer)}) if rank == 0 else {}
 
     if cfg.speed.enabled:
         result = run_speed_benchmark(generator, tokenizer, cfg, allocation, device, world_size)
         if rank == 0:
-            atomic_write_json(output / "speed.json", result, indent=2, sort_keys=True)
+            atomic_write_json(output / "speed.json", {**result, "provenance": record}, indent=2, sort_keys=True)
             log.info("%.1f images/s (%d processes)", result["images_per_second"], world_size)
         return result
 
@@ -256,7 +254,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
             save_png_grid_and_files(images, label_array, output / "samples")
         if metric_names:
             result.update(score_images(images, label_array, cfg.metrics, device))
-    atomic_write_json(output / "metrics.json", result, indent=2, sort_keys=True)
+    atomic_write_json(output / "metrics.json", {**result, "provenance": record}, indent=2, sort_keys=True)
     log.info("metrics: %s", result)
     return result
 

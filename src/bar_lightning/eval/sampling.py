@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from bar_lightning.compat.upstream import load_generator
+from bar_lightning.compat.files import UpstreamConfigError, load_yaml_config
+from bar_lightning.compat.upstream import generator_kwargs, load_generator
 from bar_lightning.models.bar import BARGenerator
 
 
@@ -23,19 +26,48 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_generator_from_source(source: DictConfig) -> BARGenerator:
-    """A generator in eval mode from `generator.checkpoint` (this project) or `generator.upstream_*` (released)."""
+    """A generator in eval mode from `generator.checkpoint` (this project) or `generator.upstream_*` (released).
+
+    A checkpoint is vetted first (no code runs, and a tokenizer checkpoint or bare weights are refused naming the
+    key); an official yaml is read with its interpolations resolved and its entries checked, errors naming the file.
+    """
     if source.checkpoint:
+        from bar_lightning.lightning.checkpointing import read_module_checkpoint
         from bar_lightning.lightning.generator_module import GeneratorModule
 
-        path = Path(source.checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"generator.checkpoint={path} does not exist (a checkpoint written by train.py)")
-        module = GeneratorModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        read_module_checkpoint(source.checkpoint, expected="generator", key="generator.checkpoint", mmap=True)
+        module = GeneratorModule.load_from_checkpoint(Path(source.checkpoint), map_location="cpu", weights_only=True)
         return module.generator.eval()
-    config_path = Path(source.upstream_config)
-    if not config_path.is_file():
-        raise FileNotFoundError(f"generator.upstream_config={config_path} does not exist (the upstream yaml)")
+    config = upstream_config(source.upstream_config, key="generator.upstream_config", kwargs_of=generator_kwargs)
     weights = Path(source.upstream_weights)
     if not weights.is_file():
         raise FileNotFoundError(f"generator.upstream_weights={weights} does not exist (a released bar_*.bin)")
-    return load_generator(OmegaConf.to_container(OmegaConf.load(config_path), resolve=False), weights)
+    return load_generator(config, weights)
+
+
+def load_tokenizer_from_source(source: DictConfig, *, decode_only: bool) -> torch.nn.Module:
+    """The tokenizer of `tokenizer.checkpoint` (this project, EMA weights) or `tokenizer.upstream_*` (released)."""
+    if source.get("checkpoint"):
+        from bar_lightning.lightning.tokenizer_module import TokenizerModule
+
+        return TokenizerModule.load_tokenizer(Path(source.checkpoint), use_ema=True, decode_only=decode_only)
+    from bar_lightning.compat.upstream import load_tokenizer
+    from bar_lightning.compat.upstream_tokenizer import tokenizer_kwargs
+
+    config = upstream_config(source.upstream_config, key="tokenizer.upstream_config", kwargs_of=tokenizer_kwargs)
+    weights = Path(source.upstream_weights or "")
+    if not weights.is_file():
+        raise FileNotFoundError(f"tokenizer.upstream_weights={weights} does not exist (e.g. bar_fsq_16bits_ft.bin)")
+    return load_tokenizer(config, weights, decode_only=decode_only)
+
+
+def upstream_config(path: str | None, *, key: str, kwargs_of: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+    """An official yaml, resolved and checked by building the model's keyword arguments; errors name the file."""
+    if not path:
+        raise FileNotFoundError(f"{key} is not set: the official yaml of the released weights")
+    config = load_yaml_config(path, key=key)
+    try:
+        kwargs_of(config)
+    except (ValueError, TypeError) as error:
+        raise UpstreamConfigError(f"{key}={path}: {error}") from None
+    return config

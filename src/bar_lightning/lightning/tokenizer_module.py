@@ -276,16 +276,17 @@ class TokenizerModule(L.LightningModule):
 
     # ----------------------------------------------------------------- export
     @classmethod
-    def load_tokenizer(cls, checkpoint_path: str | Path, *, use_ema: bool = True, decode_only: bool = False) -> nn.Module:
+    def load_tokenizer(cls, checkpoint_path: str | Path, *, use_ema: bool = True, decode_only: bool = False,
+                       key: str = "tokenizer.checkpoint") -> nn.Module:
         """The tokenizer alone from a training checkpoint, without building losses or discriminators.
 
         No pretrained loss network is needed; `decode_only=True` drops the encoder too (sampling needs only the
-        decoder).
+        decoder). A file of another kind (a generator checkpoint, bare weights) is refused naming `key`.
         """
-        from bar_lightning.lightning.checkpointing import read_checkpoint
+        from bar_lightning.lightning.checkpointing import read_module_checkpoint
 
         # weights_only: a crafted file is refused with its name instead of running code.
-        checkpoint = read_checkpoint(checkpoint_path, map_location="cpu")
+        checkpoint = read_module_checkpoint(checkpoint_path, expected="tokenizer", key=key)
         hparams = checkpoint["hyper_parameters"]
         has_ema = any(key.startswith("ema.averaged.") for key in checkpoint["state_dict"])
         prefix = "ema.averaged." if use_ema and has_ema else "tokenizer."
