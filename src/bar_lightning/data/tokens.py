@@ -14,6 +14,7 @@ Class indices are the positions of the class folders in sorted order, as in torc
 from __future__ import annotations
 
 import json
+import logging
 import os
 import zipfile
 from collections.abc import Mapping
@@ -26,11 +27,15 @@ from torch.utils.data import Dataset
 
 from bar_lightning.io import atomic_write, atomic_write_json
 
+log = logging.getLogger(__name__)
+
 TOKEN_KEY = "tokens"
 FLIP_TOKEN_KEY = "tokens_flip"
 STORAGE_KEYS = (TOKEN_KEY, FLIP_TOKEN_KEY)
 METADATA_FILENAME = "metadata.json"
 NPZ_SUFFIX = ".npz"
+# Far above any model (BAR-L at 512 px: 1024 tokens x 16 bits); a file claiming more is refused unread.
+MAX_BITS_PER_IMAGE = 1 << 20
 
 # Distinct stream tags so that flip choices, prototypes and sample noise never share a random stream
 # even when their integer coordinates coincide.
@@ -149,6 +154,19 @@ def _check_metadata(
         )
 
 
+def _npz_array_header(npz: Any, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of one array of an open `.npz`, read from its `.npy` header without its data."""
+    with npz.zip.open(f"{key}.npy") as member:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+    return tuple(shape), dtype
+
+
 class PretokenizedTokens(Dataset):
     """Pretokenized images in upstream's ``.npz`` folder layout; picks the flipped tokens with a probability.
 
@@ -220,18 +238,62 @@ class PretokenizedTokens(Dataset):
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def _scan_files(self) -> tuple[list[str], list[int]]:
-        """File stems relative to their class folder, and labels, in DatasetFolder order (sorted, links followed)."""
+        """File stems relative to their class folder, and labels, in DatasetFolder order (sorted, links followed).
+
+        Symbolic links are followed (token folders are often link farms), but every real folder and every real file
+        is taken once: a link back to the split folder, to an ancestor, into another class or to a folder already
+        read is skipped with a warning, so a link cycle cannot multiply the data or move it into another class.
+        """
+        split_real = os.path.realpath(self.split_dir)
+        class_reals = {name: os.path.realpath(self.split_dir / name) for name in self.classes}
+        visited_folders: set[str] = set()
+        taken_files: set[str] = set()
+        skipped: list[str] = []
         stems: list[str] = []
         labels: list[int] = []
         for label, class_name in enumerate(self.classes):
             class_dir = self.split_dir / class_name
-            for folder, _, file_names in sorted(os.walk(class_dir, followlinks=True)):
-                for file_name in sorted(file_names):
-                    if not file_name.endswith(NPZ_SUFFIX):
-                        continue
-                    relative = (Path(folder) / file_name).relative_to(class_dir).as_posix()
+            if class_reals[class_name] in visited_folders:
+                skipped.append(f"{class_dir} (the same folder as another class)")
+                continue
+            visited_folders.add(class_reals[class_name])
+            others = [real for name, real in class_reals.items() if name != class_name]
+            listing: list[tuple[str, list[str]]] = []
+            pending = [class_dir]
+            while pending:
+                folder = pending.pop()
+                folder_real = os.path.realpath(folder)
+                file_names = []
+                with os.scandir(folder) as entries:
+                    for entry in entries:
+                        if entry.is_dir():  # follows a link to a folder
+                            real = os.path.realpath(entry.path)
+                            encloses_split = real == split_real or split_real.startswith(real + os.sep)
+                            inside_other = any(real == other or real.startswith(other + os.sep) for other in others)
+                            if real in visited_folders or encloses_split or inside_other:
+                                skipped.append(f"{entry.path} -> {real}")
+                                continue
+                            visited_folders.add(real)
+                            pending.append(Path(entry.path))
+                        elif entry.name.endswith(NPZ_SUFFIX) and entry.is_file():
+                            real = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(
+                                folder_real, entry.name)
+                            if real in taken_files:
+                                skipped.append(f"{entry.path} -> {real}")
+                                continue
+                            taken_files.add(real)
+                            file_names.append(entry.name)
+                listing.append((Path(folder).relative_to(class_dir).as_posix(), sorted(file_names)))
+            for relative_folder, file_names in sorted(listing):
+                for file_name in file_names:
+                    relative = file_name if relative_folder == "." else f"{relative_folder}/{file_name}"
                     stems.append(relative[: -len(NPZ_SUFFIX)])
                     labels.append(label)
+        if skipped:
+            log.warning(
+                "%s: %d linked folder(s) or file(s) skipped because they were already read or lead outside their class "
+                "(a link cycle or a shared folder): %s", self.split_dir, len(skipped), "; ".join(skipped[:5])
+            )
         return stems, labels
 
     def key(self, index: int) -> str:
@@ -248,6 +310,15 @@ class PretokenizedTokens(Dataset):
             with np.load(path, allow_pickle=False) as npz:
                 if storage_key not in npz.files:
                     raise ValueError(f"{path}: missing key {storage_key!r}; found keys {sorted(npz.files)}")
+                # The array's header first: its shape bounds what is decompressed (a small file can claim gigabytes).
+                shape, dtype = _npz_array_header(npz, storage_key)
+                length = expected_length if expected_length is not None else MAX_BITS_PER_IMAGE
+                if len(shape) != 1 or shape[0] > length or dtype.kind not in "biu":
+                    raise ValueError(
+                        f"{path}: {storage_key!r} is {dtype} of shape {shape}; expected a 1-D bit vector of "
+                        f"{expected_length if expected_length is not None else f'at most {MAX_BITS_PER_IMAGE}'} "
+                        "booleans or integers (tokens * bits_per_token)"
+                    )
                 bits = npz[storage_key]
         except ValueError as error:
             if str(path) in str(error):
