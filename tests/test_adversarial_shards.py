@@ -35,7 +35,13 @@ from bar_lightning.data.images import (
     make_eval_dataset,
     make_train_dataset,
 )
-from bar_lightning.data.shards import Shard, ShardReadError, count_shard_samples, expand_shards, read_shard_samples
+from bar_lightning.data.shards import (
+    Shard,
+    ShardReadError,
+    count_shard_samples,
+    expand_shards,
+    read_shard_samples,
+)
 from bar_lightning.pretokenize import iter_shards
 
 TRANSFORM = build_image_transform(resize_shorter_edge=8, crop_size=8, random_crop=False, random_flip=False)
