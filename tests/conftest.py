@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 FIXTURES = Path(__file__).parent / "fixtures" / "upstream"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -41,3 +44,17 @@ def inception_weights(tmp_path_factory) -> str:
     path = folder / "inception.pth"
     torch.save(model.state_dict(), path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_checkpoint(tmp_path_factory) -> Path:
+    """A tiny tokenizer trained for 6 steps by train.py (shared by the pretokenization tests)."""
+    run_dir = tmp_path_factory.mktemp("tok")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "experiment=tiny_tokenizer", "trainer.max_steps=6",
+         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger=csv",
+         f"hydra.run.dir={run_dir}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return run_dir / "checkpoints" / "last.ckpt"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,19 +17,6 @@ from bar_lightning.lightning.tokenizer_module import TokenizerModule
 from bar_lightning.pretokenize import adm_center_crop, run_pretokenize, to_tensor
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_checkpoint(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("tok")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "experiment=tiny_tokenizer", "trainer.max_steps=6",
-         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger=csv",
-         f"hydra.run.dir={run_dir}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return run_dir / "checkpoints" / "last.ckpt"
 
 
 def random_image(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:

@@ -33,12 +33,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
 _GUARD_NAME = ".run.lock.guard"
 # Environment variables that give a process's global rank, in the order Lightning reads them.
 _RANK_VARIABLES = ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", "LOCAL_RANK")
+
+
+# The locks this process holds now, by real folder path: taking a held folder again is a no-op (the Hydra callback
+# takes it before Hydra writes into the run folder, the task function again), and a lock file naming this PID is
+# stale only when none of these is it.
+_HELD: dict[str, RunLock] = {}
 
 
 class RunDirectoryLocked(RuntimeError):
@@ -123,6 +132,8 @@ def _why_stale(holder: dict[str, Any]) -> str | None:
     if not isinstance(pid, int) or pid <= 0:
         return None
     if pid == os.getpid():
+        if any(lock.holder["token"] == holder.get("token") for lock in _HELD.values()):
+            return None  # held right now by another part of this process
         return "it is this process (a lock left by an earlier run in the same process)"
     try:
         os.kill(pid, 0)
@@ -219,6 +230,7 @@ class RunLock:
                     temporary.write_text(json.dumps(self.holder, indent=2) + "\n", encoding="utf-8")
                     os.replace(temporary, self.path)
         self.held = True
+        _HELD[os.path.realpath(self.folder)] = self
         atexit.register(self.release)
         return self
 
@@ -239,6 +251,8 @@ class RunLock:
         if not self.held:
             return
         self.held = False
+        if _HELD.get(os.path.realpath(self.folder)) is self:
+            del _HELD[os.path.realpath(self.folder)]
         atexit.unregister(self.release)
         with contextlib.suppress(OSError), _guard(self.folder):
             current = _read_holder(self.path)
@@ -254,11 +268,49 @@ class RunLock:
 
 @contextlib.contextmanager
 def run_lock(folder: str | os.PathLike, *, purpose: str, main_process: bool | None = None) -> Iterator[RunLock | None]:
-    """Hold ``folder``'s lock for the block in the main process; other ranks of the job get None and share it."""
+    """Hold ``folder``'s lock for the block in the main process; other ranks of the job get None and share it.
+
+    When this process holds the folder already (taken by :class:`RunLockCallback`), the block runs under that lock.
+    """
     if main_process is None:
         main_process = is_main_process()
     if not main_process:
         yield None
         return
+    held = _HELD.get(os.path.realpath(folder))
+    if held is not None:
+        yield held
+        return
     with RunLock(folder, purpose=purpose) as lock:
         yield lock
+
+
+class RunLockCallback(Callback):
+    """Takes a single run's folder lock before Hydra writes anything into it (``.hydra/``, the log file).
+
+    Hydra calls ``on_run_start`` before it creates the run folder, and turns a callback's exception into a warning;
+    so a refusal here ends the process itself (``SystemExit`` with the message, exit code 1). The task function
+    (train.py, evaluate.py, pretokenize.py) then runs under the same lock; multirun jobs are locked by it alone.
+    """
+
+    def __init__(self) -> None:
+        self._lock: RunLock | None = None
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not is_main_process():
+            return
+        try:
+            folder = OmegaConf.select(config, "hydra.run.dir", throw_on_missing=True)
+        except Exception:  # an interpolation only Hydra's runtime resolves: the task function locks the folder
+            return
+        if not folder or os.path.realpath(folder) in _HELD:
+            return
+        try:
+            self._lock = RunLock(folder, purpose=f"{config.hydra.job.name}.py").acquire()
+        except RunDirectoryLocked as error:
+            raise SystemExit(f"{type(error).__name__}: {error}") from None
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
