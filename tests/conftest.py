@@ -58,3 +58,17 @@ def tokenizer_checkpoint(tmp_path_factory) -> Path:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     return run_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def generator_checkpoint(tmp_path_factory) -> Path:
+    """A tiny generator trained for 2 steps by train.py (for the checkpoint-kind and provenance probes)."""
+    run_dir = tmp_path_factory.mktemp("gen")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "experiment=tiny_generator", "trainer.max_steps=2",
+         "data.val_num_samples=0", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+         "logger=csv", f"hydra.run.dir={run_dir}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return run_dir / "checkpoints" / "last.ckpt"

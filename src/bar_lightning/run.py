@@ -17,8 +17,10 @@ from bar_lightning.config.schema import validate_train_config
 from bar_lightning.io import remove_stale_temporaries
 from bar_lightning.lightning.callbacks import GlobalBatchMonitor
 from bar_lightning.lightning.checkpointing import (
+    CHECKPOINT_KINDS,
     LAST_CHECKPOINT_NAME,
     AtomicCheckpointIO,
+    CheckpointKindError,
     CheckpointReadError,
     FinalCheckpoint,
     RunIdentity,
@@ -171,6 +173,12 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
             named = inspect_checkpoint(cfg.ckpt_path)
         except CheckpointReadError as error:
             raise CheckpointReadError(f"ckpt_path: {error}") from error
+        task = cfg.get("task")
+        if task in CHECKPOINT_KINDS and named.kind not in (task, "unknown"):
+            raise CheckpointKindError(
+                f"ckpt_path={cfg.ckpt_path} is {CHECKPOINT_KINDS[named.kind]}, but this is a {task} run (task={task}); "
+                f"resume it from a {task} checkpoint"
+            )
         check_nothing_is_overwritten(scan, start_step=named.global_step, start=f"ckpt_path={cfg.ckpt_path}")
         log.info("Resuming from %s at step %d (ckpt_path)", cfg.ckpt_path, named.global_step)
         return str(cfg.ckpt_path)

@@ -264,7 +264,9 @@ class PretokenizedTokens(Dataset):
                 folder = pending.pop()
                 folder_real = os.path.realpath(folder)
                 file_names = []
-                with os.scandir(folder) as entries:
+                with os.scandir(folder) as listed:
+                    # Real entries before links, each group sorted: a link to a file here never displaces it.
+                    entries = sorted(listed, key=lambda entry: (entry.is_symlink(), entry.name))
                     for entry in entries:
                         if entry.is_dir():  # follows a link to a folder
                             real = os.path.realpath(entry.path)

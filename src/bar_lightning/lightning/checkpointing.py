@@ -200,6 +200,7 @@ class CheckpointInfo:
     global_step: int
     config_hash: str | None  # None: written before checkpoints carried their run's identity
     identity: dict[str, Any] | None
+    kind: str  # see checkpoint_kind
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
@@ -209,7 +210,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     stamp = stamp if isinstance(stamp, dict) else {}
     config_hash = stamp.get("config_hash") if isinstance(stamp.get("config_hash"), str) else None
     identity = stamp.get("identity") if isinstance(stamp.get("identity"), dict) else None
-    return CheckpointInfo(Path(path), int(checkpoint["global_step"]), config_hash, identity)
+    return CheckpointInfo(Path(path), int(checkpoint["global_step"]), config_hash, identity, checkpoint_kind(checkpoint))
 
 
 @dataclass
