@@ -257,7 +257,8 @@ def test_kill_9_during_saves_never_damages_the_checkpoint_and_leftovers_go_at_th
         assert torch.equal(saved["state_dict"]["w"], torch.full((4_000_000,), float(saved["global_step"])))
         last_saved = saved["global_step"]
     leftovers = sorted(path for path in folder.iterdir() if path.name != "last.ckpt")
-    assert len(leftovers) >= 3 and all(path.stat().st_size >= 1 << 20 for path in leftovers[:1])
+    # The three saves killed for sure each left a partly written temporary file; random kills may add more.
+    assert sum(path.stat().st_size >= 1 << 20 for path in leftovers) >= 3
     assert sorted(remove_stale_temporaries(folder)) == leftovers
     assert [path.name for path in folder.iterdir()] == ["last.ckpt"]
 

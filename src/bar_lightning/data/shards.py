@@ -369,10 +369,11 @@ def read_shard_samples(shard: Shard, *, max_image_pixels: int) -> Iterator[dict[
             ) from None
         end = getattr(archive, "bar_end_of_headers", None)
         if not isinstance(end, tarfile.EOFHeaderError):
+            read = samples_read + (current is not None)
             raise ShardReadError(
-                f"shard {url} is truncated: it stops after {samples_read} samples without the tar end-of-archive "
-                f"block ({type(end).__name__ if end is not None else 'no end'}: the file was cut at a member "
-                f"boundary or inside a header); re-create or re-copy it ({_CONVERT_HINT})"
+                f"shard {url} is truncated: it stops after {read} samples (the last possibly incomplete) without "
+                f"the tar end-of-archive block ({type(end).__name__ if end is not None else 'no end'}: the file was "
+                f"cut at a member boundary or inside a header); re-create or re-copy it ({_CONVERT_HINT})"
             )
         if current is not None:
             samples_read += 1
