@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import tracemalloc
 import zipfile
 from pathlib import Path
@@ -173,6 +174,44 @@ def test_a_crafted_generator_checkpoint_is_refused_by_the_project_not_by_torch(t
         run_evaluation(cfg)
     assert "weights_only=False" not in str(raised.value)
     assert not marker.exists()
+
+
+def test_checkpoints_whose_hyper_parameters_claim_a_huge_network_are_refused_unbuilt(
+    tmp_path, generator_checkpoint, tokenizer_checkpoint
+):
+    from bar_lightning.lightning.tokenizer_module import TokenizerModule
+
+    generator = read_checkpoint(generator_checkpoint)
+    generator["hyper_parameters"]["model"].update(hidden_size=65536, head_width=65536)  # 2 layers of 60 G weights
+    torch.save(generator, tmp_path / "wide_generator.ckpt")
+    generator["hyper_parameters"]["model"].update(num_layers=1_000_000)  # and a million layers
+    torch.save(generator, tmp_path / "huge_generator.ckpt")
+    tokenizer = read_checkpoint(tokenizer_checkpoint)
+    tokenizer["hyper_parameters"]["model"].update(base_channels=1 << 14, encoder_width=1 << 16, decoder_width=1 << 16)
+    torch.save(tokenizer, tmp_path / "huge_tokenizer.ckpt")
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointReadError, match=(
+            r"generator\.checkpoint=.*wide_generator\.ckpt: its hyper-parameters and its weights disagree \(\S+ is "
+            r"\([\d, ]+\) in the weights but \([\d, ]+\) in the network\)")):
+            load_generator_from_source(OmegaConf.create({"checkpoint": str(tmp_path / "wide_generator.ckpt")}))
+        started = time.perf_counter()
+        with pytest.raises(CheckpointReadError, match=(
+            r"huge_generator\.ckpt: its hyper-parameters and its weights disagree \(they describe a network of more "
+            r"than \d+ tensors, the file holds \d+\)")):
+            load_generator_from_source(OmegaConf.create({"checkpoint": str(tmp_path / "huge_generator.ckpt")}))
+        assert time.perf_counter() - started < 5
+        with pytest.raises(CheckpointReadError, match=r"tokenizer\.checkpoint=.*huge_tokenizer\.ckpt: its hyper-parameters "
+                                                      r"and its weights disagree"):
+            TokenizerModule.load_tokenizer(tmp_path / "huge_tokenizer.ckpt")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20  # the networks described (billions of parameters) were never allocated
+    generator["hyper_parameters"]["model"]["num_heads"] = 7
+    torch.save(generator, tmp_path / "odd_generator.ckpt")
+    with pytest.raises(CheckpointReadError, match=r"hyper-parameters are not a valid generator .*num_heads"):
+        load_generator_from_source(OmegaConf.create({"checkpoint": str(tmp_path / "odd_generator.ckpt")}))
 
 
 def test_official_yamls_with_interpolations_and_bad_values_name_file_and_entry(tmp_path, upstream_a1):

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from bar_lightning.compat.files import UpstreamConfigError, load_yaml_config
 from bar_lightning.compat.upstream import generator_kwargs, load_generator
+from bar_lightning.config.schema import GeneratorModelConfig
 from bar_lightning.models.bar import BARGenerator
 
 
@@ -32,10 +33,24 @@ def load_generator_from_source(source: DictConfig) -> BARGenerator:
     key); an official yaml is read with its interpolations resolved and its entries checked, errors naming the file.
     """
     if source.checkpoint:
-        from bar_lightning.lightning.checkpointing import read_module_checkpoint
+        from bar_lightning.config.schema import ConfigError, check_generator_model, merge_with_schema
+        from bar_lightning.lightning.checkpointing import (
+            CheckpointReadError,
+            check_weights_fit,
+            read_module_checkpoint,
+        )
         from bar_lightning.lightning.generator_module import GeneratorModule
 
-        read_module_checkpoint(source.checkpoint, expected="generator", key="generator.checkpoint", mmap=True)
+        what = f"generator.checkpoint={source.checkpoint}"
+        checkpoint = read_module_checkpoint(source.checkpoint, expected="generator", key="generator.checkpoint",
+                                            mmap=True)
+        model = checkpoint["hyper_parameters"]["model"]
+        try:
+            check_generator_model(merge_with_schema(model, GeneratorModelConfig))
+        except ConfigError as error:
+            raise CheckpointReadError(f"{what}: its hyper-parameters are not a valid generator ({error})") from None
+        weights = {key.removeprefix("generator."): value for key, value in checkpoint["state_dict"].items()}
+        check_weights_fit(lambda: BARGenerator(**model), weights, what=what)
         module = GeneratorModule.load_from_checkpoint(Path(source.checkpoint), map_location="cpu", weights_only=True)
         return module.generator.eval()
     config = upstream_config(source.upstream_config, key="generator.upstream_config", kwargs_of=generator_kwargs)

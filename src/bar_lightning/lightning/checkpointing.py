@@ -160,6 +160,53 @@ def read_module_checkpoint(path: str | os.PathLike, *, expected: str, key: str, 
     return checkpoint
 
 
+class _TooManyTensors(Exception):
+    """Stops building a network that registers far more tensors than the checkpoint holds."""
+
+
+def check_weights_fit(build: Any, weights: dict[str, Any], *, what: str) -> None:
+    """Refuse a checkpoint whose hyper-parameters describe another network than its weights, before building it.
+
+    `build()` constructs the network the hyper-parameters describe; it runs on the meta device, so a crafted
+    checkpoint that claims gigantic layers costs no memory, and it is stopped as soon as it registers far more
+    tensors than the file holds, so one that claims thousands of layers costs no time. Every weight must have its
+    parameter's shape.
+    """
+    found = {key: tuple(value.shape) for key, value in weights.items() if isinstance(value, torch.Tensor)}
+    limit = 2 * len(found) + 64  # non-persistent buffers (RoPE tables) are registered but never saved
+    registered = 0
+
+    def count(*_: Any) -> None:
+        nonlocal registered
+        registered += 1
+        if registered > limit:
+            raise _TooManyTensors
+
+    hooks = [torch.nn.modules.module.register_module_parameter_registration_hook(count),
+             torch.nn.modules.module.register_module_buffer_registration_hook(count)]
+    try:
+        with torch.device("meta"):
+            expected = {key: tuple(value.shape) for key, value in build().state_dict().items()}
+    except _TooManyTensors:
+        raise CheckpointReadError(
+            f"{what}: its hyper-parameters and its weights disagree (they describe a network of more than {limit} "
+            f"tensors, the file holds {len(found)}); the file is damaged or was edited"
+        ) from None
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointReadError(f"{what}: its hyper-parameters do not describe a network ({error})") from None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    wrong = sorted(key for key in set(expected) & set(found) if expected[key] != found[key])
+    if missing or unexpected or wrong:
+        detail = (f"{wrong[0]} is {found[wrong[0]]} in the weights but {expected[wrong[0]]} in the network" if wrong
+                  else f"missing weights {missing[:3]}" if missing else f"unexpected weights {unexpected[:3]}")
+        raise CheckpointReadError(
+            f"{what}: its hyper-parameters and its weights disagree ({detail}); the file is damaged or was edited"
+        )
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Which run wrote a checkpoint, and which checkpoint a run resumes from
 # --------------------------------------------------------------------------------------------------------------

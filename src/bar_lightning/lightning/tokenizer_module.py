@@ -283,17 +283,25 @@ class TokenizerModule(L.LightningModule):
         No pretrained loss network is needed; `decode_only=True` drops the encoder too (sampling needs only the
         decoder). A file of another kind (a generator checkpoint, bare weights) is refused naming `key`.
         """
-        from bar_lightning.lightning.checkpointing import read_module_checkpoint
+        from bar_lightning.lightning.checkpointing import (
+            CheckpointReadError,
+            check_weights_fit,
+            read_module_checkpoint,
+        )
 
         # weights_only: a crafted file is refused with its name instead of running code.
         checkpoint = read_module_checkpoint(checkpoint_path, expected="tokenizer", key=key)
         hparams = checkpoint["hyper_parameters"]
+        if not isinstance(hparams.get("model"), dict) or hparams["model"].get("family") not in TOKENIZER_FAMILIES:
+            raise CheckpointReadError(f"{key}={checkpoint_path}: its hyper-parameters name no tokenizer family")
         has_ema = any(key.startswith("ema.averaged.") for key in checkpoint["state_dict"])
         prefix = "ema.averaged." if use_ema and has_ema else "tokenizer."
         state = {key[len(prefix):]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
         overrides = {"build_encoder": False} if decode_only else {}
-        tokenizer = build_tokenizer(hparams["model"], **overrides)
         if decode_only:
             state = {key: value for key, value in state.items() if not key.startswith("encoder.")}
+        # Built first on the meta device: hyper-parameters that claim a huge network cost nothing and are refused.
+        check_weights_fit(lambda: build_tokenizer(hparams["model"], **overrides), state, what=f"{key}={checkpoint_path}")
+        tokenizer = build_tokenizer(hparams["model"], **overrides)
         tokenizer.load_state_dict(state, strict=True)
         return tokenizer.eval()
