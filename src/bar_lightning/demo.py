@@ -90,7 +90,10 @@ class Demo:
     def data(self) -> None:
         ensure_fashion_mnist(self.fashion_mnist_root)
         shards = self.out / "shards"
-        if (shards / "classes.json").is_file() and len(list(shards.glob("fmnist-t*.tar"))) == 18:
+        indexes = [shards / f"fmnist-{split}.index.json" for split in ("train", "test")]
+        if (shards / "classes.json").is_file() and len(list(shards.glob("fmnist-t*.tar"))) == 18 and all(
+            index.is_file() for index in indexes
+        ):
             print("shards present, skipping conversion")
             return
         self.run("-m", "bar_lightning.data.convert", "fashion-mnist", "--root", str(self.fashion_mnist_root),
@@ -102,7 +105,7 @@ class Demo:
 
     def pretokenize(self) -> None:
         self.run("pretokenize.py", f"tokenizer.checkpoint={self.tokenizer_ckpt}",
-                 f"data.shards='{self.out}/shards/fmnist-train-{{000000..000014}}.tar'",
+                 f"data.shards={self.out}/shards/fmnist-train.index.json",
                  f"output_dir={self.out}/tokens", "batch_size=500", "device=cpu",
                  f"hydra.run.dir={self.out}/logs/pretokenize")
 
