@@ -36,8 +36,8 @@ from bar_lightning.data.images import (
     BadSampleError,
     SkipCounter,
     SkipPolicy,
-    _samples_of_shard,
     decode_sample,
+    samples_of_shard,
 )
 from bar_lightning.data.shards import (
     FOLDER_IMAGE_FORMATS,
@@ -122,7 +122,7 @@ def iter_shards(spec: Any, rank: int, world_size: int, *, max_image_pixels: int
     """
     policy = SkipPolicy(counter=SkipCounter(), strict=True)
     for shard in expand_shards(spec)[rank::world_size]:
-        for sample in _samples_of_shard(shard, policy=policy, max_image_pixels=max_image_pixels):
+        for sample in samples_of_shard(shard, policy=policy, max_image_pixels=max_image_pixels):
             image, label = decode_sample(sample, policy=policy, max_image_pixels=max_image_pixels)
             if label > MAX_LABEL:
                 raise BadSampleError(

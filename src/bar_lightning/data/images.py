@@ -51,7 +51,7 @@ from torch.utils.data import get_worker_info
 from torchvision.transforms import v2
 
 from bar_lightning.data.shards import (
-    _CONVERT_HINT,
+    CONVERT_HINT,
     IMAGE_EXTENSIONS,
     LABEL_EXTENSION,
     MIN_DEFAULT_MAX_IMAGE_PIXELS,
@@ -228,7 +228,7 @@ class SkipPolicy:
         if self.strict:
             raise BadSampleError(
                 f"{reason}: {where}: {detail}. Evaluation and pretokenization never skip data; fix or re-create "
-                f"this shard ({_CONVERT_HINT}) or remove it from the shard list"
+                f"this shard ({CONVERT_HINT}) or remove it from the shard list"
             )
         seen, skipped = self.counter.record(seen=0 if already_seen else 1, reason=reason)
         warnings.warn(
@@ -357,7 +357,7 @@ def _current_worker() -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _samples_of_shard(shard: Shard, *, policy: SkipPolicy, max_image_pixels: int) -> Iterator[dict[str, Any]]:
+def samples_of_shard(shard: Shard, *, policy: SkipPolicy, max_image_pixels: int) -> Iterator[dict[str, Any]]:
     """Raw samples of one shard (see :func:`read_shard_samples`), duplicates removed, problems sent to ``policy``.
 
     A shard that cannot be read to its end is one skip (its samples before the damage are kept); one without any
@@ -399,7 +399,7 @@ def _read_shards(
     consecutive_empty_shards = 0
     for shard in shard_source:
         shard_was_empty = True
-        for sample in _samples_of_shard(shard, policy=policy, max_image_pixels=max_image_pixels):
+        for sample in samples_of_shard(shard, policy=policy, max_image_pixels=max_image_pixels):
             shard_was_empty = False
             yield sample
         consecutive_empty_shards = consecutive_empty_shards + 1 if shard_was_empty else 0
@@ -409,7 +409,7 @@ def _read_shards(
         ):
             raise ShardDataError(
                 f"{consecutive_empty_shards} shards in a row held no usable sample (last: {shard.url}); the "
-                f"training shards look empty or unreadable; check them or {_CONVERT_HINT}"
+                f"training shards look empty or unreadable; check them or {CONVERT_HINT}"
             )
 
 

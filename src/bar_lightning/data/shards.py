@@ -57,7 +57,7 @@ MAX_LABEL_BYTES = 64
 SHARD_INDEX_SUFFIX = ".index.json"
 SHARD_INDEX_KIND = "wids-shard-index-v1"
 
-_CONVERT_HINT = (
+CONVERT_HINT = (
     "create shards with `python -m bar_lightning.data.convert image-folder ...` or "
     "`python -m bar_lightning.data.convert fashion-mnist ...`"
 )
@@ -201,7 +201,7 @@ def expand_shards(spec: str | Sequence[str]) -> list[Shard]:
         if not is_remote(one_spec) and os.path.isdir(one_spec):
             in_folder = sorted(glob.glob(os.path.join(glob.escape(one_spec), "*.tar")))
             if not in_folder:
-                raise FileNotFoundError(f"shard folder {one_spec} holds no *.tar file; {_CONVERT_HINT}")
+                raise FileNotFoundError(f"shard folder {one_spec} holds no *.tar file; {CONVERT_HINT}")
             shards.extend(Shard(url=path) for path in in_folder)
             continue
         for url in wds.shardlists.expand_urls(one_spec):
@@ -214,7 +214,7 @@ def expand_shards(spec: str | Sequence[str]) -> list[Shard]:
             else:
                 missing.append(url)
     if not shards and not missing:
-        raise FileNotFoundError(f"no shard file matches {spec!r}; {_CONVERT_HINT}, or fix the path")
+        raise FileNotFoundError(f"no shard file matches {spec!r}; {CONVERT_HINT}, or fix the path")
     absent = [shard.url for shard in shards if not is_remote(shard.url) and not os.path.isfile(shard.url)]
     if missing or absent:
         total = len(missing) + len(shards)
@@ -334,7 +334,7 @@ def read_shard_samples(shard: Shard, *, max_image_pixels: int) -> Iterator[dict[
         try:
             archive = tarfile.open(fileobj=stream, mode="r|", tarinfo=_EndRecordingTarInfo)
         except tarfile.TarError as error:
-            raise ShardReadError(f"shard {url} is not a tar file ({_describe(error)}); {_CONVERT_HINT}") from None
+            raise ShardReadError(f"shard {url} is not a tar file ({_describe(error)}); {CONVERT_HINT}") from None
         current: dict[str, Any] | None = None
         try:
             for member in archive:
@@ -365,7 +365,7 @@ def read_shard_samples(shard: Shard, *, max_image_pixels: int) -> Iterator[dict[
         except (tarfile.TarError, OSError, EOFError, ValueError) as error:
             raise ShardReadError(
                 f"shard {url} is truncated or corrupt after {samples_read} samples ({_describe(error)}); re-create "
-                f"or re-copy it ({_CONVERT_HINT})"
+                f"or re-copy it ({CONVERT_HINT})"
             ) from None
         end = getattr(archive, "bar_end_of_headers", None)
         if not isinstance(end, tarfile.EOFHeaderError):
@@ -373,7 +373,7 @@ def read_shard_samples(shard: Shard, *, max_image_pixels: int) -> Iterator[dict[
             raise ShardReadError(
                 f"shard {url} is truncated: it stops after {read} samples (the last possibly incomplete) without "
                 f"the tar end-of-archive block ({type(end).__name__ if end is not None else 'no end'}: the file was "
-                f"cut at a member boundary or inside a header); re-create or re-copy it ({_CONVERT_HINT})"
+                f"cut at a member boundary or inside a header); re-create or re-copy it ({CONVERT_HINT})"
             )
         if current is not None:
             samples_read += 1
