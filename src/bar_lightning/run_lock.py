@@ -247,8 +247,8 @@ class RunLock:
         )
 
     def release(self) -> None:
-        """Remove the lock file if it is still this process's (safe to call twice)."""
-        if not self.held:
+        """Remove the lock file if it is still this process's (safe to call twice; a no-op in a forked child)."""
+        if not self.held or os.getpid() != self.holder["pid"]:
             return
         self.held = False
         if _HELD.get(os.path.realpath(self.folder)) is self:
