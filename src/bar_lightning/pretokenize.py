@@ -184,7 +184,7 @@ def _pretokenize(cfg: DictConfig, *, rank: int, world_size: int, output: Path) -
         torch.distributed.barrier()
 
     size = tokenizer.image_size
-    max_image_pixels = cfg.max_image_pixels or default_max_image_pixels(size)
+    max_image_pixels = cfg.get("max_image_pixels") or default_max_image_pixels(size)
     if cfg.data.get("shards"):
         images = iter_shards(cfg.data.shards, rank, world_size, max_image_pixels=max_image_pixels)
     else:
