@@ -237,6 +237,11 @@ def test_official_yamls_with_interpolations_and_bad_values_name_file_and_entry(t
     config_path.write_text("model: [unclosed")
     with pytest.raises(UpstreamConfigError, match=r"is not a readable YAML file"):
         load_generator_from_source(OmegaConf.create(source))
+    marker = tmp_path / "code_ran"  # a YAML tag that a full loader would call
+    config_path.write_text(f"model: !!python/object/apply:os.makedirs [{marker}]\n")
+    with pytest.raises(UpstreamConfigError, match=r"is not a readable YAML file"):
+        load_generator_from_source(OmegaConf.create(source))
+    assert not marker.exists()
 
 
 def test_a_full_disk_names_the_file_system_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
