@@ -46,29 +46,25 @@ def inception_weights(tmp_path_factory) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="session")
-def tokenizer_checkpoint(tmp_path_factory) -> Path:
-    """A tiny tokenizer trained for 6 steps by train.py (shared by the pretokenization tests)."""
-    run_dir = tmp_path_factory.mktemp("tok")
+def train_tiny(run_dir: Path, *overrides: str) -> Path:
+    """Run train.py quietly into `run_dir`; returns its last.ckpt."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "experiment=tiny_tokenizer", "trainer.max_steps=6",
-         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger=csv",
-         f"hydra.run.dir={run_dir}"],
+        [sys.executable, str(ROOT / "train.py"), *overrides, "trainer.enable_progress_bar=false",
+         "trainer.enable_model_summary=false", "logger=csv", f"hydra.run.dir={run_dir}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     return run_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def tokenizer_checkpoint(tmp_path_factory) -> Path:
+    """A tiny tokenizer trained for 6 steps by train.py (shared by the pretokenization tests)."""
+    return train_tiny(tmp_path_factory.mktemp("tok"), "experiment=tiny_tokenizer", "trainer.max_steps=6")
 
 
 @pytest.fixture(scope="session")
 def generator_checkpoint(tmp_path_factory) -> Path:
     """A tiny generator trained for 2 steps by train.py (for the checkpoint-kind and provenance probes)."""
-    run_dir = tmp_path_factory.mktemp("gen")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "experiment=tiny_generator", "trainer.max_steps=2",
-         "data.val_num_samples=0", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-         "logger=csv", f"hydra.run.dir={run_dir}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return run_dir / "checkpoints" / "last.ckpt"
+    return train_tiny(tmp_path_factory.mktemp("gen"), "experiment=tiny_generator", "trainer.max_steps=2",
+                      "data.val_num_samples=0")
