@@ -11,7 +11,12 @@ from omegaconf import DictConfig
 
 from bar_lightning.compat.files import UpstreamConfigError, load_yaml_config
 from bar_lightning.compat.upstream import generator_kwargs, load_generator
-from bar_lightning.config.schema import GeneratorModelConfig
+from bar_lightning.config.schema import (
+    ConfigError,
+    GeneratorModelConfig,
+    check_generator_model,
+    merge_with_schema,
+)
 from bar_lightning.models.bar import BARGenerator
 
 
@@ -33,7 +38,6 @@ def load_generator_from_source(source: DictConfig) -> BARGenerator:
     key); an official yaml is read with its interpolations resolved and its entries checked, errors naming the file.
     """
     if source.checkpoint:
-        from bar_lightning.config.schema import ConfigError, check_generator_model, merge_with_schema
         from bar_lightning.lightning.checkpointing import (
             CheckpointReadError,
             check_weights_fit,
