@@ -299,6 +299,16 @@ def test_symlink_loops_in_a_token_folder_neither_multiply_nor_move_the_data(tmp_
     assert "skipped because they were already read or lead outside their class" in caplog.text
 
 
+@pytest.mark.parametrize(("field", "value"), [("token_size", "abc"), ("num_tokens", -3), ("levels_per_channel", [2]),
+                                            ("storage_keys", "tokens")])
+def test_a_crafted_metadata_json_is_named(tmp_path, field, value):
+    root = tmp_path / "tokens"
+    make_token_folder(root)
+    (root / "metadata.json").write_text(json.dumps({"token_size": 4, field: value}))
+    with pytest.raises(ValueError, match=rf"metadata\.json: {field}="):
+        PretokenizedTokens(root, expected_length=12)
+
+
 def write_npz_bomb(path: Path, claimed_bits: int) -> None:
     """A token file whose array claims `claimed_bits` booleans, deflated from zeros (small on disk)."""
     header = io.BytesIO()
@@ -413,6 +423,12 @@ def test_pretokenize_labels_and_keys_are_checked_like_training(tmp_path, tokeniz
         pretokenize(tmp_path, tokenizer_checkpoint, str(shard))
     assert not (tmp_path / "out" / "metadata.json").exists()
     assert not any((tmp_path / "out").rglob("-*"))  # no "-0001" class folder
+
+
+def test_pretokenize_refuses_keys_too_long_for_a_file_name(tmp_path, tokenizer_checkpoint):
+    shard = write_shard(tmp_path / "s-000000.tar", [("k" * 300, 0)])
+    with pytest.raises(PretokenizeError, match=r"is 300 bytes long; token files are named by their key, at most 200"):
+        pretokenize(tmp_path, tokenizer_checkpoint, str(shard))
 
 
 def test_pretokenize_refuses_a_key_in_two_shards(tmp_path, tokenizer_checkpoint):

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import pickle
 import struct
+import subprocess
+import sys
 import tarfile
 import tracemalloc
 import warnings
@@ -363,3 +366,38 @@ def test_the_converter_index_command_counts_whole_shards_and_refuses_cut_ones(tm
     assert index_shards(str(folder), index_path=folder / "a.index.json") == [(str(folder / "a-000000.tar"), 4)]
     [indexed] = expand_shards(str(folder / "a-000000.tar"))
     assert (indexed.expected_samples, indexed.expected_bytes) == (4, shard.stat().st_size)
+
+
+def test_a_shard_index_cannot_run_commands(tmp_path):
+    marker = tmp_path / "code_ran"
+    index = tmp_path / "evil.index.json"
+    index.write_text(json.dumps({"wids_version": 1, "shardlist": [
+        {"url": f"pipe:touch {marker}; cat /dev/null", "nsamples": 1}]}))
+    with pytest.raises(ShardDataError, match=r"evil\.index\.json: entry 0 is a pipe: command"):
+        expand_shards(str(index))
+    with pytest.raises(ShardDataError, match="pipe: command"):
+        eval_items(str(index))
+    assert not marker.exists()
+
+
+def test_a_second_conversion_into_a_held_folder_stops(tmp_path, capsys):
+    from bar_lightning.data.convert import main
+
+    source = tmp_path / "images" / "cat"
+    source.mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(source / "a.png")
+    holder = subprocess.Popen(  # another conversion holding the folder
+        [sys.executable, "-c", "import sys, time\nfrom bar_lightning.run_lock import RunLock\n"
+         "RunLock(sys.argv[1], purpose='convert').acquire(); print('held', flush=True); time.sleep(60)",
+         str(tmp_path / "out")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code = main(["image-folder", "--src", str(tmp_path / "images"), "--out", str(tmp_path / "out"), "--prefix", "p"])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 2 and f"is in use by convert (PID {holder.pid}" in capsys.readouterr().err
+    assert not list((tmp_path / "out").glob("*.tar"))
+    assert main(["image-folder", "--src", str(tmp_path / "images"), "--out", str(tmp_path / "out"), "--prefix", "p"]) == 0
+    assert [shard.url for shard in expand_shards(str(tmp_path / "out" / "p.index.json"))] == [
+        str(tmp_path / "out" / "p-000000.tar")]

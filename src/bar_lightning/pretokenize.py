@@ -57,6 +57,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 MANIFEST_FILENAME = "pretokenize.json"
 CLASS_FOLDER_DIGITS = 5  # labels 0..99999: zero-padded so the folders sort in label order
 MAX_LABEL = 10**CLASS_FOLDER_DIGITS - 1
+MAX_STEM_BYTES = 200  # file names are at most 255 bytes on common file systems, with room for "_c4.npz"
 
 
 class PretokenizeError(ValueError):
@@ -208,6 +209,9 @@ def _pretokenize(cfg: DictConfig, *, rank: int, world_size: int, output: Path) -
         pending.clear()
 
     for stem, label, image in images:
+        if len(stem.encode("utf-8")) > MAX_STEM_BYTES:
+            raise PretokenizeError(f"the input key {stem[:60]!r}... is {len(stem.encode())} bytes long; token files are "
+                                   f"named by their key, at most {MAX_STEM_BYTES} bytes: shorten the keys")
         if stem in first_seen:
             raise PretokenizeError(
                 f"the input key {stem!r} occurs twice (labels {first_seen[stem]} and {label}): one token file per "

@@ -58,6 +58,7 @@ from bar_lightning.data.shards import (
     expand_shards,
     write_shard_index,
 )
+from bar_lightning.run_lock import RunDirectoryLocked, run_lock
 
 DEFAULT_FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_INSTALL_HINT = "apt-get install -y dataset-fashion-mnist"
@@ -572,6 +573,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # One conversion per output folder: two would replace each other's shards half-way.
+    folder = args.out.parent if args.command == "index" else args.out
+    try:
+        with run_lock(folder, purpose="convert", main_process=True):
+            return _run(args)
+    except RunDirectoryLocked as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "index":
             if not args.out.name.endswith(SHARD_INDEX_SUFFIX):

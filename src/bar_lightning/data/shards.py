@@ -154,6 +154,12 @@ def read_shard_index(path: str | os.PathLike) -> list[Shard]:
                 f"shard index {path}: entry {position} must have a 'url' and integer 'nsamples' >= 0 (and "
                 f"'filesize'), got {str(entry)[:200]}; {_INDEX_HINT}"
             )
+        if url.startswith("pipe:"):
+            # A data file must not run commands; a pipe: URL is for the user's own command line only.
+            raise ShardDataError(
+                f"shard index {path}: entry {position} is a pipe: command ({url[:80]!r}); an index may name files and "
+                "URLs only (give pipe: shards on the command line if you mean to run that command)"
+            )
         if not is_remote(url) and not os.path.isabs(url):
             url = str(path.parent / url)
         shards.append(Shard(url=url, expected_samples=samples, expected_bytes=size, index=str(path)))

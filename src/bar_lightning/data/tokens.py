@@ -117,7 +117,16 @@ def _check_metadata(
     expected_length: int | None,
     bits_per_token: int | None,
 ) -> None:
-    """Raise ValueError when metadata.json contradicts the expected bit layout."""
+    """Raise ValueError when metadata.json contradicts the expected bit layout (or holds no usable values)."""
+    if not isinstance(metadata, Mapping):
+        raise ValueError(f"{metadata_path} holds a {type(metadata).__name__}, not a JSON object of upstream's fields")
+    for key in ("levels_per_channel", "token_size", "num_tokens"):
+        value = metadata.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ValueError(f"{metadata_path}: {key}={value!r} is not a positive integer; re-run pretokenization")
+    storage = metadata.get("storage_keys")
+    if storage is not None and not (isinstance(storage, list) and all(isinstance(key, str) for key in storage)):
+        raise ValueError(f"{metadata_path}: storage_keys={storage!r} is not a list of names; re-run pretokenization")
     fix = (
         "Fix: point `root` at tokens made with the generator's tokenizer, or set tokens/bits_per_token "
         "to match the data (or re-run pretokenization)."
