@@ -244,6 +244,22 @@ def test_official_yamls_with_interpolations_and_bad_values_name_file_and_entry(t
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
+def test_truncated_released_weights_are_named(tmp_path, upstream_a1, suffix):
+    from safetensors.torch import load_file, save_file
+
+    config_path, weights, _ = upstream_a1
+    cut = tmp_path / f"cut{suffix}"
+    if suffix == ".bin":
+        torch.save(load_file(str(weights)), cut)
+    else:
+        save_file(load_file(str(weights)), str(cut))
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    source = {"checkpoint": None, "upstream_weights": str(cut), "upstream_config": str(config_path)}
+    with pytest.raises(ValueError, match=rf"cut\{suffix} is truncated or corrupt and cannot be loaded"):
+        load_generator_from_source(OmegaConf.create(source))
+
+
 def test_a_full_disk_names_the_file_system_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     if not Path("/dev/full").exists():
         pytest.skip("needs /dev/full")
