@@ -66,22 +66,30 @@ def run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
 # ------------------------------------------------------------------------------------------------ one process per folder
 
 
-def test_two_trainings_started_together_in_one_run_directory_one_trains_one_stops(tmp_path):
+def test_a_second_training_in_a_running_run_directory_stops_at_once_naming_it(tmp_path):
     run_dir = tmp_path / "run"
-    command = tiny_train(run_dir, "trainer.max_steps=4", "callbacks.model_checkpoint.every_n_train_steps=2")
-    first, second = (subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env=ENVIRONMENT) for _ in range(2))
-    outputs = [process.communicate(timeout=300)[0] for process in (first, second)]
-    codes = sorted((process.returncode, output) for process, output in zip((first, second), outputs))
-    (ok_code, _), (refused_code, refused_output) = codes
-    assert ok_code == 0 and refused_code == 1
-    # One line naming the holder, printed before Hydra wrote anything into the folder (.hydra/, train.log).
-    assert refused_output.strip().splitlines() == [refused_output.strip()]
-    assert "RunDirectoryLocked" in refused_output and "is in use by train.py (PID" in refused_output
+    command = tiny_train(run_dir, "trainer.max_steps=1000000", "callbacks.model_checkpoint.every_n_train_steps=1000000")
+    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=ENVIRONMENT)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / LOCK_NAME).exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # the first run holds the folder from its start to its end
+        second = run(command)
+    finally:
+        first.send_signal(signal.SIGTERM)  # a preemption: the first saves at the next step and exits with 75
+        first_output = first.communicate(timeout=300)[0]
+    assert first.returncode == 75, first_output[-3000:]
+    refused_output = second.stdout + second.stderr
+    assert second.returncode == 1
+    # The last line names the holder; no traceback; nothing was written into the folder (.hydra/, train.log).
+    assert "Traceback" not in refused_output
+    assert refused_output.strip().splitlines()[-1].startswith("RunDirectoryLocked: ")
+    assert f"is in use by train.py (PID {first.pid} on" in refused_output
     assert socket.gethostname() in refused_output and f"delete {run_dir / LOCK_NAME}" in refused_output
     assert "experiment=tiny_generator" in (run_dir / ".hydra" / "overrides.yaml").read_text()
-    assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 4
-    assert not (run_dir / LOCK_NAME).exists()  # released by the finished run
+    assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] > 0  # the first run's work is kept
+    assert not (run_dir / LOCK_NAME).exists()  # released by the first run's preemption exit
 
 
 def test_a_locked_folder_stops_evaluate_and_pretokenize_at_once(tmp_path, tokenizer_checkpoint):

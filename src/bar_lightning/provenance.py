@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import socket
 import subprocess
 import time
@@ -49,12 +50,14 @@ def code_version() -> dict[str, Any]:
     """This package's version and, in a git checkout, its commit and whether tracked files were modified."""
     from importlib.metadata import PackageNotFoundError, version
 
+    root = Path(__file__).resolve().parents[2]
     try:
         package_version = version("bar_lightning")
-    except PackageNotFoundError:  # imported from a source tree that was not installed
-        package_version = None
+    except PackageNotFoundError:  # imported from a source tree that was not installed: its pyproject says
+        declared = re.search(r'^version = "([^"]+)"', (root / "pyproject.toml").read_text(), re.MULTILINE) if (
+            root / "pyproject.toml").is_file() else None
+        package_version = declared.group(1) if declared else None
     record: dict[str, Any] = {"package_version": package_version, "git_commit": None, "git_modified": None}
-    root = Path(__file__).resolve().parents[2]
     if not (root / ".git").exists():
         return record
     try:
