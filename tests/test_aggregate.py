@@ -104,7 +104,7 @@ def test_two_job_sweep_writes_csv_markdown_and_png(two_job_sweep, capsys):
         plot = two_job_sweep / f"{metric}_vs_sampling.guidance_scale.png"
         assert_png(plot)
         assert f"]({plot.name})" in markdown  # embedded in the Markdown summary
-    assert not (two_job_sweep / "num_samples_vs_sampling.guidance_scale.png").exists()  # plots: FID and IS only
+    assert not (two_job_sweep / "num_samples_vs_sampling.guidance_scale.png").exists()  # the run's size: not plotted
     stdout = capsys.readouterr().out
     assert "2 jobs, 2 ok, 0 failed" in stdout and "summary.csv" in stdout
 
@@ -187,3 +187,14 @@ def test_module_cli_runs(two_job_sweep):
     assert completed.returncode == 0, completed.stderr
     assert "| job | sampling.guidance_scale | status | fid |" in completed.stdout
     assert_png(two_job_sweep / "fid_vs_sampling.guidance_scale.png")
+
+
+def test_every_numeric_metric_is_plotted_by_default(tmp_path):
+    sweep = tmp_path / "sweep"
+    for job, scale in enumerate((1.0, 3.0)):
+        make_job(sweep, job, [f"sampling.guidance_scale={scale}"],
+                 metrics={"class_accuracy": 0.5 + job / 10, "fid_demo": 20.0 - job, "num_samples": 1000,
+                          "guidance_scale": scale, "tokens_allocation": [2, 2]})
+    assert main([str(sweep)]) == 0
+    plotted = sorted(path.name for path in sweep.glob("*.png"))
+    assert plotted == ["class_accuracy_vs_sampling.guidance_scale.png", "fid_demo_vs_sampling.guidance_scale.png"]

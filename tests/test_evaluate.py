@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -103,13 +104,38 @@ def test_shards_cover_every_sample_once():
     assert sorted(i for shard in shards for i in shard) == list(range(103))
 
 
-def test_images_without_a_tokenizer_are_refused(upstream_a1, tmp_path):
+def test_without_a_tokenizer_bits_are_saved_and_image_metrics_skipped_with_one_line(upstream_a1, tmp_path, caplog):
     config_path, weights, _ = upstream_a1
-    cfg = validate_evaluate_config(compose_evaluate(
+    cfg = validate_evaluate_config(compose_evaluate(  # the defaults: save.npz=true, metrics fid/isc/kid/prc
         [f"generator.upstream_weights={weights}", f"generator.upstream_config={config_path}", "sampling=tiny",
-         "metrics.names=[]", "device=cpu"], tmp_path))
-    with pytest.raises(ConfigError, match="need a tokenizer"):
-        run_evaluation(cfg)
+         "num_samples_per_class=1", "device=cpu"], tmp_path))
+    with caplog.at_level(logging.INFO):
+        result = run_evaluation(cfg)
+    assert sorted(path.name for path in tmp_path.glob("*.npz")) == ["samples_bits.npz"]
+    assert result["num_samples"] == 10 and not {"fid", "isc", "kid"} & set(result)
+    notes = [record.message for record in caplog.records if "No tokenizer" in record.message]
+    assert notes == ["No tokenizer: saving the bits only (samples_bits.npz); images, samples.npz and metrics need "
+                     "tokenizer.checkpoint=<ckpt> or tokenizer.upstream_weights + tokenizer.upstream_config"]
+
+
+def test_without_the_reference_the_metrics_comparing_with_it_are_skipped(tmp_path, caplog, inception_weights):
+    from bar_lightning.eval.evaluate import metrics_to_compute
+    from bar_lightning.eval.metrics import compute_generation_metrics
+
+    cfg = compose_evaluate(["generator.checkpoint=g.ckpt", "tokenizer.checkpoint=t.ckpt",
+                            f"metrics.reference={tmp_path / 'absent.npz'}"], tmp_path)
+    with caplog.at_level(logging.INFO):
+        assert metrics_to_compute(cfg, has_tokenizer=True) == ["isc"]
+    [note] = [record.message for record in caplog.records if "not found" in record.message]
+    assert note.startswith(f"metrics.reference={tmp_path / 'absent.npz'} not found: skipping fid, kid, prc. They "
+                           "compare with an ADM reference batch: for ImageNet 256 px `wget https://")
+    # IS needs the samples alone: no reference at all.
+    images = np.random.default_rng(0).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+    scores = compute_generation_metrics(images, reference=None, inception_weights=inception_weights,
+                                        metrics=("isc",), isc_splits=2)
+    assert set(scores) == {"isc", "isc_std"} and scores["isc"] > 0
+    with pytest.raises(ValueError, match=r"metrics \['fid'\] compare with a reference batch; none was given"):
+        compute_generation_metrics(images, reference=None, inception_weights=inception_weights, metrics=("fid",))
 
 
 def test_two_ranks_generate_the_same_samples_as_one(upstream_a1, tmp_path, monkeypatch):

@@ -68,6 +68,12 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
     trainer_kwargs["strategy"] = strategy_for_task(trainer_kwargs.get("strategy", "auto"), cfg.task)
     trainer_kwargs.update(overrides)
     callbacks = _instantiate_all(cfg.callbacks)
+    if trainer_kwargs.get("fast_dev_run"):
+        # A dry run writes no checkpoint (Lightning's ModelCheckpoint would still save last.ckpt at the end).
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks = [callback for callback in callbacks if not isinstance(callback, ModelCheckpoint)]
+        trainer_kwargs["enable_checkpointing"] = False
     if not trainer_kwargs.get("enable_progress_bar", True):
         # `trainer.enable_progress_bar=false` alone should be enough to silence the bar.
         from lightning.pytorch.callbacks import ProgressBar

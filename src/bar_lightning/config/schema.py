@@ -97,7 +97,6 @@ class SamplingConfig:
     temperature: float = 2.5
     tokens_allocation: list[int] = field(default_factory=lambda: [2, 2, 5, 7])
     random_order: bool = False
-    seed: int = 0
     # Speed settings of evaluate.py on a GPU (ignored on CPU). The defaults are the fast path; every one of them
     # keeps float32 results except precision=bf16 (see docs/benchmarks.md).
     cuda_graph: bool = True  # replay the whole sampling loop as one CUDA graph
@@ -413,10 +412,18 @@ def merge_with_schema(cfg: DictConfig, schema: type) -> DictConfig:
     return merged
 
 
+# Keys that moved: where their value is set now.
+MOVED_KEYS = {
+    "sampling.seed": "seed (top level): a run has one seed, recorded in metrics.json under provenance.seed",
+}
+
+
 def closest_key_hint(error: OmegaConfBaseException, schema: type) -> str:
     """For an unknown key, the schema's keys at the same place that are spelt like it ('' when none is)."""
     if not isinstance(error, ConfigKeyError) or not getattr(error, "full_key", None):
         return ""
+    if str(error.full_key) in MOVED_KEYS:
+        return f"\n    {error.full_key} is set as {MOVED_KEYS[str(error.full_key)]}"
     *parents, key = str(error.full_key).split(".")
     node = OmegaConf.structured(schema)
     for parent in parents:

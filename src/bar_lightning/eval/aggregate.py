@@ -42,8 +42,8 @@ from bar_lightning.io import atomic_write
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 DEFAULT_X_KEY = "sampling.guidance_scale"
-# Plotted by default (when present); the table shows every numeric metric unless --metrics narrows it.
-DEFAULT_PLOT_METRICS = ("fid", "isc")
+# Numeric keys of metrics.json that describe the run rather than measure it: tabulated, never plotted by default.
+RUN_DESCRIPTION_KEYS = ("num_samples", "num_classes", "guidance_scale", "temperature")
 # Known metrics come first in the table, in this order; other numeric keys follow in order of appearance.
 PREFERRED_METRIC_ORDER = ("fid", "isc", "isc_std", "kid", "kid_std", "precision", "recall", "f_score")
 METRIC_TITLES = {"fid": "FID", "isc": "Inception Score", "kid": "KID", "precision": "Precision", "recall": "Recall"}
@@ -617,12 +617,13 @@ def aggregate_sweep(
     metric_keys: Sequence[str] | None = None,
 ) -> AggregateResult:
     """Collect ``sweep_dir`` and write ``summary.csv``, ``summary.md`` and the plots into ``out_dir`` (default:
-    the sweep dir). Plots: ``metric_keys`` when given, else FID and IS when present."""
+    the sweep dir). Plots: ``metric_keys`` when given, else every numeric metric (not the run's description:
+    sample count, class count, guidance, temperature)."""
     root = Path(sweep_dir)
     output = Path(out_dir) if out_dir is not None else root
     table = build_table(collect_sweep(root), x_key=x_key, group_key=group_key, metric_keys=metric_keys)
     plot_keys = table.metric_keys if metric_keys is not None else [
-        key for key in DEFAULT_PLOT_METRICS if key in table.metric_keys
+        key for key in table.metric_keys if key not in RUN_DESCRIPTION_KEYS
     ]
     plot_paths = []
     for metric_key in plot_keys:
@@ -655,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--group", dest="group_key", default=None,
                         help="one plot line per value of this parameter (default: per combination of the others)")
     parser.add_argument("--metrics", dest="metric_keys", nargs="+", default=None,
-                        help="metrics to tabulate and plot (default: every numeric one; plots of fid and isc)")
+                        help="metrics to tabulate and plot (default: every numeric one)")
     parser.add_argument("--allow-failed", action="store_true",
                         help="exit with code 0 even when some jobs have no metrics.json")
     return parser

@@ -193,7 +193,8 @@ def _evaluate(cfg: DictConfig, *, rank: int, world_size: int, output: Path) -> d
             if int(re.fullmatch(r"\.part_rank(\d+)\.npz", stale_part.name)[1]) >= world_size:
                 stale_part.unlink(missing_ok=True)
 
-    metric_names = list(cfg.metrics.names)
+    has_tokenizer = bool(cfg.tokenizer.checkpoint or cfg.tokenizer.upstream_weights)
+    metric_names = [] if cfg.speed.enabled else metrics_to_compute(cfg, has_tokenizer=has_tokenizer)
     generator = load_generator_from_source(cfg.generator).to(device).eval()
     allocation = check_sampling(cfg.sampling, generator.bits_per_step, generator.head_type)
     if cfg.sampling.compile and device.type == "cuda":
@@ -201,18 +202,12 @@ def _evaluate(cfg: DictConfig, *, rank: int, world_size: int, output: Path) -> d
     classes = list(cfg.classes) if cfg.classes is not None else list(range(generator.num_classes))
     if any(not 0 <= c < generator.num_classes for c in classes):
         raise ConfigError(f"classes={classes} has a class outside 0..{generator.num_classes - 1}")
-    if metric_names and not cfg.speed.enabled:
-        check_metric_request(cfg.metrics, num_samples=cfg.num_samples_per_class * len(classes))
+    if metric_names:
+        check_metric_request(cfg.metrics, metric_names, num_samples=cfg.num_samples_per_class * len(classes))
     tokenizer = None
-    if cfg.tokenizer.checkpoint or cfg.tokenizer.upstream_weights:
+    if has_tokenizer:
         tokenizer = load_tokenizer_from_source(cfg.tokenizer, decode_only=True).to(device).eval()
         check_compatible(generator, tokenizer)
-    elif metric_names or cfg.save.npz or cfg.save.png:
-        raise ConfigError(
-            "images (save.npz / save.png / metrics) need a tokenizer: set tokenizer.checkpoint=<ckpt> or "
-            "tokenizer.upstream_weights + tokenizer.upstream_config; or save only bits (save.npz=false save.png=false "
-            "metrics.names=[])"
-        )
     # What made the result: the generator and tokenizer files (with content hashes), config, seed and code.
     record = provenance(cfg, inputs={"generator": model_source_record(cfg.generator),
                                      "tokenizer": model_source_record(cfg.tokenizer)}) if rank == 0 else {}
@@ -253,7 +248,7 @@ def _evaluate(cfg: DictConfig, *, rank: int, world_size: int, output: Path) -> d
         if cfg.save.png:
             save_png_grid_and_files(images, label_array, output / "samples")
         if metric_names:
-            result.update(score_images(images, label_array, cfg.metrics, device))
+            result.update(score_images(images, label_array, cfg.metrics, metric_names, device))
     atomic_write_json(output / "metrics.json", {**result, "provenance": record}, indent=2, sort_keys=True)
     log.info("metrics: %s", result)
     return result
@@ -262,17 +257,43 @@ def _evaluate(cfg: DictConfig, *, rank: int, world_size: int, output: Path) -> d
 INCEPTION_FEATURE_DIM = 2048
 
 
-def check_metric_request(metrics: DictConfig, *, num_samples: int) -> None:
-    """Fail before sampling when the requested metrics cannot be computed (files, sample counts)."""
-    names = set(metrics.names)
-    unknown = names - {"fid", "isc", "kid", "prc", "class_accuracy", "fid_demo"}
+KNOWN_METRICS = ("fid", "isc", "kid", "prc", "class_accuracy", "fid_demo")
+# Metrics that compare the samples with metrics.reference (IS and class_accuracy need the samples alone).
+METRICS_NEEDING_REFERENCE = ("fid", "kid", "prc", "fid_demo")
+REFERENCE_HINT = (
+    "an ADM reference batch: for ImageNet 256 px `wget https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
+    "ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz` (docs/evaluation.md); for your own data, real images "
+    "saved with bar_lightning.eval.metrics.save_adm_npz"
+)
+
+
+def metrics_to_compute(cfg: DictConfig, *, has_tokenizer: bool) -> list[str]:
+    """The requested metrics that can be computed; each group that cannot is skipped with one line saying why.
+
+    Without a tokenizer there are no images: bits are saved and nothing is scored. Without the reference file the
+    metrics that compare with it are skipped; those of the samples alone (IS, class accuracy) remain.
+    """
+    names = list(dict.fromkeys(cfg.metrics.names))
+    unknown = sorted(set(names) - set(KNOWN_METRICS))
     if unknown:
-        raise ConfigError(f"metrics.names has unknown metrics {sorted(unknown)}; use fid, isc, kid, prc")
-    if not metrics.reference or not Path(metrics.reference).is_file():
-        raise FileNotFoundError(
-            f"metrics.reference={metrics.reference!r} not found: an ADM-style .npz with reference images (arr_0) or "
-            "statistics (mu, sigma), e.g. VIRTUAL_imagenet256_labeled.npz"
-        )
+        raise ConfigError(f"metrics.names has unknown metrics {unknown}; use some of {list(KNOWN_METRICS)}")
+    if not has_tokenizer:
+        if names or cfg.save.npz or cfg.save.png:
+            log.info("No tokenizer: saving the bits only (samples_bits.npz); images, samples.npz and metrics need "
+                     "tokenizer.checkpoint=<ckpt> or tokenizer.upstream_weights + tokenizer.upstream_config")
+        return []
+    reference = cfg.metrics.reference
+    compared = [name for name in names if name in METRICS_NEEDING_REFERENCE]
+    if compared and not (reference and Path(reference).is_file()):
+        log.info("metrics.reference=%s not found: skipping %s. They compare with %s", reference, ", ".join(compared),
+                 REFERENCE_HINT)
+        names = [name for name in names if name not in compared]
+    return names
+
+
+def check_metric_request(metrics: DictConfig, names: list[str], *, num_samples: int) -> None:
+    """Fail before sampling when the metrics to compute cannot be (files, sample counts)."""
+    names = set(names)
     if metrics.feature_network == "demo_classifier":
         if not metrics.demo_classifier or not Path(metrics.demo_classifier).is_file():
             raise FileNotFoundError(f"metrics.demo_classifier={metrics.demo_classifier!r} not found (make demo trains it)")
@@ -291,22 +312,29 @@ def check_metric_request(metrics: DictConfig, *, num_samples: int) -> None:
         raise ConfigError(f"metrics.kid_subset_size={metrics.kid_subset_size} > {num_samples} samples; lower it")
 
 
-def score_images(images: np.ndarray, labels: np.ndarray, metrics: DictConfig, device: torch.device) -> dict[str, Any]:
+def score_images(images: np.ndarray, labels: np.ndarray, metrics: DictConfig, names: list[str],
+                 device: torch.device) -> dict[str, Any]:
     """Inception metrics with torch-fidelity, or the demo classifier's accuracy and feature distance."""
+    compared = any(name in METRICS_NEEDING_REFERENCE for name in names)
     if metrics.feature_network == "demo_classifier":
         from bar_lightning.eval.demo_classifier import classifier_metrics, features, load_classifier
 
         classifier = load_classifier(metrics.demo_classifier).to(device).eval()
-        reference = np.load(metrics.reference, allow_pickle=False)["arr_0"]
-        reference_features = features(classifier, uint8_to_model_input(reference), batch_size=500)
-        values = classifier_metrics(classifier, uint8_to_model_input(images), labels=torch.from_numpy(labels),
-                                    reference_features=reference_features, batch_size=500)
+        reference_features = None
+        if compared:
+            reference = np.load(metrics.reference, allow_pickle=False)["arr_0"]
+            reference_features = features(classifier, uint8_to_model_input(reference), batch_size=500)
+        values = classifier_metrics(
+            classifier, uint8_to_model_input(images),
+            labels=torch.from_numpy(labels) if "class_accuracy" in names else None,
+            reference_features=reference_features, batch_size=500,
+        )
         return {key: float(value) for key, value in values.items()}
     from bar_lightning.eval.metrics import compute_generation_metrics
 
     return compute_generation_metrics(
-        images, reference=metrics.reference, inception_weights=metrics.inception_weights,
-        metrics=tuple(metrics.names), batch_size=metrics.batch_size, device=device,
+        images, reference=metrics.reference if compared else None, inception_weights=metrics.inception_weights,
+        metrics=tuple(names), batch_size=metrics.batch_size, device=device,
         kid_subset_size=metrics.kid_subset_size, allow_small_sample=metrics.allow_small_sample,
     )
 

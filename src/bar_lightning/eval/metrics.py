@@ -62,6 +62,8 @@ ISC_FEATURE_LAYER = "logits_unbiased"
 INCEPTION_WEIGHTS_HINT = "FID Inception weights (weights-inception-2015-12-05-6726825d.pth)"
 
 SUPPORTED_METRICS = ("fid", "isc", "kid", "prc")
+# The metrics that compare samples with a reference batch (IS needs the samples alone).
+REFERENCE_METRICS = ("fid", "kid", "prc")
 # torch-fidelity's result keys -> the flat names written to metrics.json.
 _RESULT_KEYS = {
     "inception_score_mean": "isc",
@@ -491,6 +493,8 @@ class _Reference:
 
 
 def _resolve_reference(reference: Any) -> _Reference:
+    if reference is None:  # for metrics of the samples alone (IS)
+        return _Reference(description="no reference")
     if isinstance(reference, (str, os.PathLike)):
         contents = inspect_reference_npz(reference)
         if contents.image_shape is not None:
@@ -524,6 +528,10 @@ def _validate_request(
     num_samples = sample_shape[0]
     if num_samples < 2:
         raise ValueError(f"{num_samples} samples: the metrics need at least 2 (FID's covariance, IS's splits)")
+    if reference.image_shape is None and reference.mu is None:
+        compared = [name for name in metric_names if name in REFERENCE_METRICS]
+        if compared:
+            raise ValueError(f"metrics {compared} compare with a reference batch; none was given")
     has_reference_images = reference.image_shape is not None
     if not has_reference_images:
         image_metrics = [name for name in metric_names if name in ("kid", "prc")]
@@ -579,7 +587,7 @@ def _validate_request(
 def compute_generation_metrics(
     samples: ImagesLike | PathLike,
     *,
-    reference: PathLike | ImagesLike | tuple[np.ndarray, np.ndarray],
+    reference: PathLike | ImagesLike | tuple[np.ndarray, np.ndarray] | None,
     inception_weights: PathLike | None,
     metrics: Sequence[str] = SUPPORTED_METRICS,
     batch_size: int = 64,
@@ -598,7 +606,7 @@ def compute_generation_metrics(
         samples: uint8 ``[N, H, W, 3]`` images, or an ADM ``.npz`` path (``arr_0``).
         reference: an ADM ``.npz`` path with images (``arr_0``; used in preference to ``mu``/``sigma`` stored
             beside them) or with statistics only (``mu``, ``sigma``); a uint8 ``[M, H, W, 3]`` image array; or a
-            ``(mu, sigma)`` tuple of 2048-d Inception pool statistics.
+            ``(mu, sigma)`` tuple of 2048-d Inception pool statistics; None when only ``isc`` is requested.
         inception_weights: the local torch-fidelity Inception-v3 weights file (never downloaded).
         metrics: any of ``"fid"``, ``"isc"`` (Inception Score), ``"kid"``, ``"prc"`` (precision/recall).
             KID and PRC need reference images: with statistics only they raise a ``ValueError``.
