@@ -7,14 +7,17 @@ reports images/s instead. Several processes: `torchrun --nproc_per_node 8 evalua
 import hydra
 from omegaconf import DictConfig
 
+from bar_lightning.cli import check_overrides, report_user_errors
 from bar_lightning.config.schema import validate_evaluate_config
 from bar_lightning.eval.evaluate import run_evaluation
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     run_evaluation(validate_evaluate_config(cfg))
 
 
 if __name__ == "__main__":
+    check_overrides("evaluate")
     main()
