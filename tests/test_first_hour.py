@@ -66,6 +66,17 @@ def test_override_mistakes_get_one_line_with_the_fix(tmp_path, arguments, messag
     assert len(lines) == 1 and message in lines[0], result.stderr
 
 
+def test_a_run_directory_given_twice_is_accepted_as_the_ddp_launcher_gives_it():
+    # Lightning starts each further DDP rank with the parent's arguments and then its own `hydra.run.dir=...`.
+    from bar_lightning.cli import check_overrides
+
+    check_overrides("train", ["experiment=tiny_generator", "hydra.run.dir=/tmp/a", "trainer.max_steps=2",
+                              'hydra.run.dir="/tmp/a"', "hydra.output_subdir=null"], config_dir=ROOT / "conf")
+    with pytest.raises(SystemExit):
+        check_overrides("train", ["experiment=tiny_generator", "trainer.max_steps=2", "trainer.max_steps=3"],
+                        config_dir=ROOT / "conf")
+
+
 def test_a_user_error_is_one_line_and_the_traceback_is_there_on_request(tmp_path):
     command = f"python train.py experiment=tiny_generator trainer.max_steps=0 hydra.run.dir={tmp_path}"
     result = bash(command)

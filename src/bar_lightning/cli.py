@@ -109,7 +109,9 @@ def check_overrides(config_name: str, argv: Sequence[str] | None = None, config_
         return
     config_dir = Path(config_dir) if config_dir is not None else Path(sys.argv[0]).resolve().parent / "conf"
     keys = [argument.split("=", 1)[0].lstrip("+~") for argument in arguments if "=" in argument]
-    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    # `hydra.*` keys are left out: Lightning's DDP launcher starts each rank with the parent's arguments followed by
+    # its own `hydra.run.dir=...`, so a run directory given on the command line appears twice there by design.
+    repeated = sorted({key for key in keys if keys.count(key) > 1 and not key.startswith("hydra.")})
     if repeated:
         count = keys.count(repeated[0])
         print(
