@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -175,3 +177,101 @@ class StepProgressBar(RichProgressBar):
         if trainer.max_steps is not None and trainer.max_steps > 0:
             description += f" · {trainer.global_step}/{trainer.max_steps} steps"
         return f"{description:{len(self.validation_description)}}"
+
+
+PLAIN_LINE_MODES = ("auto", "always", "never")
+
+
+def format_duration(seconds: float) -> str:
+    """`h:mm:ss`, hours unbounded (`53:07:02`): the ETA of a progress line."""
+    total = max(0, round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}"
+
+
+def plain_lines_wanted(mode: str, stdout_is_terminal: bool, progress_bar_shown: bool) -> bool:
+    """`auto`: lines unless a live bar is drawn on a terminal (a bar in a file shows nothing until the run ends)."""
+    if mode == "auto":
+        return not (stdout_is_terminal and progress_bar_shown)
+    return mode == "always"
+
+
+def _stdout_is_terminal() -> bool:
+    isatty = getattr(sys.stdout, "isatty", None)
+    return bool(isatty and isatty())
+
+
+class ProgressLog(L.Callback):
+    """Plain progress lines through logging, for output that goes to a file (a SLURM `.out`, `> log`, `| tee`).
+
+    `step 1200/400000 | loss 5.4312 | lr 3.00e-04 | 812.4 img/s | ETA 6:48:12` every `log_every_n_steps` optimiser
+    steps or `log_every_n_seconds` seconds, whichever comes first (None turns one off). The losses are the
+    `train/*loss*` values the module shows in the progress bar (global rank 0's), lr the first optimiser's first
+    parameter group; img/s (global batch from `GlobalBatchMonitor` x steps / seconds) and the ETA to `max_steps`
+    are measured since the previous line. `plain_lines`: `auto` writes them unless the rich bar is drawn on a
+    terminal (so also with `trainer.enable_progress_bar=false`), `always`, `never`. Global rank 0 only.
+    """
+
+    def __init__(
+        self,
+        log_every_n_steps: int | None = 100,
+        log_every_n_seconds: float | None = 60.0,
+        plain_lines: str = "auto",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if plain_lines not in PLAIN_LINE_MODES:
+            raise ValueError(f"plain_lines={plain_lines!r} must be one of {', '.join(PLAIN_LINE_MODES)}")
+        if log_every_n_steps is not None and log_every_n_steps <= 0:
+            raise ValueError(f"log_every_n_steps={log_every_n_steps} must be positive, or null for no step trigger")
+        if log_every_n_seconds is not None and log_every_n_seconds <= 0:
+            raise ValueError(f"log_every_n_seconds={log_every_n_seconds} must be positive, or null for no time trigger")
+        self.log_every_n_steps = log_every_n_steps
+        self.log_every_n_seconds = log_every_n_seconds
+        self.plain_lines = plain_lines
+        self.clock = clock
+        self.enabled = False
+        self._last_step = 0
+        self._last_time = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        has_trigger = self.log_every_n_steps is not None or self.log_every_n_seconds is not None
+        self.enabled = has_trigger and trainer.is_global_zero and plain_lines_wanted(
+            self.plain_lines, _stdout_is_terminal(), trainer.progress_bar_callback is not None
+        )
+        self._last_step, self._last_time = trainer.global_step, self.clock()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if not self.enabled or step == self._last_step:
+            return  # off, or no optimiser step in this batch (gradient accumulation)
+        now = self.clock()
+        due_by_steps = self.log_every_n_steps is not None and step % self.log_every_n_steps == 0
+        due_by_time = self.log_every_n_seconds is not None and now - self._last_time >= self.log_every_n_seconds
+        if due_by_steps or due_by_time:
+            log.info("%s", self.progress_line(trainer, step, now))
+            self._last_step, self._last_time = step, now
+
+    def progress_line(self, trainer: L.Trainer, step: int, now: float) -> str:
+        total = _total_steps(trainer)
+        parts = [f"step {step}/{total}" if total is not None else f"step {step}"]
+        for name, value in trainer.progress_bar_metrics.items():
+            if name.startswith("train/") and "loss" in name:
+                parts.append(f"{name.removeprefix('train/')} {float(value):.4f}")
+        if trainer.optimizers:
+            parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.2e}")
+        steps_per_second = (step - self._last_step) / max(now - self._last_time, 1e-9)
+        monitor = next((callback for callback in trainer.callbacks if isinstance(callback, GlobalBatchMonitor)), None)
+        if monitor is not None:
+            parts.append(f"{monitor.global_batch_size * steps_per_second:.1f} img/s")
+        if total is not None:
+            parts.append(f"ETA {format_duration((total - step) / steps_per_second)}")
+        return " | ".join(parts)
+
+
+def _total_steps(trainer: L.Trainer) -> int | None:
+    """The optimiser steps the run ends at: `max_steps`, else Lightning's estimate for an epoch-based run."""
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        return trainer.max_steps
+    estimate = trainer.estimated_stepping_batches
+    return int(estimate) if math.isfinite(estimate) else None

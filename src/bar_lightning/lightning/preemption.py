@@ -6,6 +6,10 @@ collective or a half-done optimiser step; Lightning issue #21406), so the handle
 `PreemptionCheckpoint.on_train_batch_end` checks the flag after each optimiser step, all ranks agree on it (one
 boolean all-reduce), and only then `trainer.save_checkpoint` writes the checkpoint, which an identical re-run of the
 command resumes from.
+
+Ctrl-C (SIGINT, `interrupt=True`) takes the same path with three differences: the first one is acknowledged at once,
+the process exits with 130 (128 + SIGINT, what shells expect from an interrupted program) and never requeues, and a
+second Ctrl-C before the save is done stops at once without saving.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import subprocess
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning as L
 
@@ -31,11 +35,16 @@ PREEMPTION_SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGUSR1": signal.SIGUSR1, "SIG
                       "SIGINT": signal.SIGINT}
 # sysexits.h EX_TEMPFAIL, "temporary failure, try again": distinct from 0 (done) and 1 (an error).
 DEFAULT_PREEMPTION_EXIT_CODE = 75
+INTERRUPT_EXIT_CODE = 128 + signal.SIGINT
 _SLURM_JOB_ID_PATTERN = re.compile(r"^[0-9]+(_[0-9]+)?$")
 
 
 class Preempted(SystemExit):
     """Raised once the preemption checkpoint is written; its `code` is the process exit status."""
+
+
+class Interrupted(SystemExit):
+    """Raised after a Ctrl-C: once its checkpoint is written, or at once on a second Ctrl-C; code 130."""
 
 
 def slurm_job_id(environ: dict[str, str] | None = None) -> str | None:
@@ -71,6 +80,12 @@ class PreemptionCheckpoint(L.Callback):
     installed when training starts (after Lightning installs its own, which they replace for these signals) and the
     previous ones are restored when fitting ends. With gradient accumulation the save waits for the optimiser step,
     so no accumulated gradient is lost.
+
+    `interrupt=True` handles SIGINT too: the first one saves at the next step boundary like a preemption signal but
+    exits with `Interrupted(130)` and never requeues (a preemption signal on any rank wins: 75 and requeue); a second
+    one raises `Interrupted(130)` from the handler, so nothing more is saved. Its handler is installed when fitting
+    starts, before the DataLoader workers are forked: they inherit it and ignore SIGINT (a terminal's Ctrl-C reaches
+    them too, and a worker that stopped would fail the next batch before the step boundary).
     """
 
     def __init__(
@@ -79,10 +94,17 @@ class PreemptionCheckpoint(L.Callback):
         signals: list[str] | tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGUSR2"),
         exit_code: int = DEFAULT_PREEMPTION_EXIT_CODE,
         requeue: bool = True,
+        interrupt: bool = True,
     ) -> None:
         unknown = sorted(set(signals) - set(PREEMPTION_SIGNALS))
         if unknown:
             raise ValueError(f"preemption.signals has unknown signal(s) {unknown}; use some of {sorted(PREEMPTION_SIGNALS)}")
+        if interrupt and "SIGINT" in signals:
+            raise ValueError(
+                "preemption.signals lists SIGINT while preemption.interrupt=true handles it (save, exit 130, no "
+                "requeue); remove SIGINT from preemption.signals, or set preemption.interrupt=false to treat it as a "
+                "preemption signal"
+            )
         if not 2 <= exit_code <= 125:
             raise ValueError(
                 f"preemption.exit_code={exit_code} must be in 2..125: 0 and 1 mean success and error, 126+ are "
@@ -92,21 +114,41 @@ class PreemptionCheckpoint(L.Callback):
         self.signals = [PREEMPTION_SIGNALS[name] for name in signals]
         self.exit_code = exit_code
         self.requeue = requeue
+        self.interrupt = interrupt
         self.received_signal: int | None = None
+        self.interrupts = 0
         self._previous_handlers: dict[int, Any] = {}
         self._global_step_at_last_check = 0
+        # Set when the handlers are installed: the process that trains, and whether it logs (global rank 0).
+        self._training_pid: int | None = None
+        self._is_global_zero = True
 
     # ----------------------------------------------------------------- signal side: set the flag, nothing else
     def handle_signal(self, signum: int, frame: FrameType | None) -> None:
         if self.received_signal is None:
             self.received_signal = signum
 
-    def _install_handlers(self) -> None:
+    def handle_interrupt(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._training_pid:
+            return  # a forked DataLoader worker: the training process decides, the worker keeps serving batches
+        self.interrupts += 1
+        if self.interrupts == 1:
+            if self._is_global_zero:
+                log.warning("Ctrl-C: saving a checkpoint at the end of this step; press Ctrl-C again to stop at once "
+                            "without saving")
+            return
+        # From here a further Ctrl-C kills the process outright, e.g. one that hangs while unwinding.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if self._is_global_zero:
+            log.warning("second Ctrl-C: stopping at once without saving (exit code %d)", INTERRUPT_EXIT_CODE)
+        raise Interrupted(INTERRUPT_EXIT_CODE)
+
+    def _install_handlers(self, signals: list[int], handler: Any) -> None:
         if threading.current_thread() is not threading.main_thread():
             log.warning("preemption handlers not installed: training does not run in the main thread")
             return
-        for signum in self.signals:
-            self._previous_handlers[signum] = signal.signal(signum, self.handle_signal)
+        for signum in signals:
+            self._previous_handlers[signum] = signal.signal(signum, handler)
 
     def _restore_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -116,18 +158,30 @@ class PreemptionCheckpoint(L.Callback):
         self._previous_handlers = {}
 
     # ----------------------------------------------------------------- trainer side: save at a step boundary
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.interrupts = 0
+        self._is_global_zero = trainer.is_global_zero
+        self._training_pid = os.getpid()
+        if self.interrupt:
+            self._install_handlers([signal.SIGINT], self.handle_interrupt)
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After Lightning's own SIGTERM handler (installed after on_fit_start), which ours replace.
         self.received_signal = None
         self._global_step_at_last_check = trainer.global_step
-        self._install_handlers()
+        self._install_handlers(self.signals, self.handle_signal)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if trainer.global_step == self._global_step_at_last_check:
             return  # no optimiser step in this batch (gradient accumulation): its gradients are not saved
         self._global_step_at_last_check = trainer.global_step
         # Every rank must take the same branch: save_checkpoint is collective under DDP/FSDP.
-        if not trainer.strategy.reduce_boolean_decision(self.received_signal is not None, all=False):
+        stop = self.received_signal is not None or self.interrupts > 0
+        if not trainer.strategy.reduce_boolean_decision(stop, all=False):
             return
+        # Reached by every rank once one of them has a signal; a preemption signal anywhere wins over a Ctrl-C.
+        if not trainer.strategy.reduce_boolean_decision(self.received_signal is not None, all=False):
+            self._save_after_interrupt(trainer)
         name = signal.Signals(self.received_signal).name if self.received_signal is not None else "a signal on another rank"
         log.warning("received %s: saving %s at global step %d", name, self.checkpoint_path, trainer.global_step)
         trainer.save_checkpoint(self.checkpoint_path, weights_only=False)  # the full training state
@@ -135,6 +189,13 @@ class PreemptionCheckpoint(L.Callback):
             request_slurm_requeue(job_id)
         log.warning("stopping after preemption with exit code %d; re-run the same command to resume", self.exit_code)
         raise Preempted(self.exit_code)
+
+    def _save_after_interrupt(self, trainer: L.Trainer) -> NoReturn:
+        trainer.save_checkpoint(self.checkpoint_path, weights_only=False)  # a second Ctrl-C here stops it unwritten
+        if trainer.is_global_zero:
+            log.warning("Saved %s at step %d; run the same command to resume from it", self.checkpoint_path,
+                        trainer.global_step)
+        raise Interrupted(INTERRUPT_EXIT_CODE)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore_handlers()
@@ -145,16 +206,29 @@ class SendSignalAtStep(L.Callback):
 
     It goes through the real signal path, so it tests the whole preemption contract on a cluster or in CI:
     `+callbacks.drill._target_=bar_lightning.lightning.preemption.SendSignalAtStep +callbacks.drill.step=20`.
-    A resumed run starts after `step`, so re-running the same command does not fire it again.
+    A resumed run starts after `step`, so re-running the same command does not fire it again. `again_during_save`
+    sends the signal a second time while the checkpoint of that step is being assembled (before a byte of it is
+    written): `+callbacks.drill.signal=SIGINT +callbacks.drill.again_during_save=true` is an impatient Ctrl-C.
     """
 
-    def __init__(self, step: int, signal: str = "SIGTERM", rank: int = 0) -> None:
+    def __init__(self, step: int, signal: str = "SIGTERM", rank: int = 0, again_during_save: bool = False) -> None:
         if signal not in PREEMPTION_SIGNALS:
             raise ValueError(f"signal={signal!r} is not one of {sorted(PREEMPTION_SIGNALS)}")
         self.step = step
         self.signum = PREEMPTION_SIGNALS[signal]
         self.rank = rank
+        self.again_during_save = again_during_save
+        self.signals_sent = 0
+
+    def _fires(self, trainer: L.Trainer) -> bool:
+        return trainer.global_step == self.step and trainer.global_rank == self.rank
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+        if self._fires(trainer) and self.signals_sent == 0:
+            self.signals_sent = 1
+            os.kill(os.getpid(), self.signum)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.again_during_save and self._fires(trainer) and self.signals_sent == 1:
+            self.signals_sent = 2
             os.kill(os.getpid(), self.signum)
