@@ -42,8 +42,9 @@ from bar_lightning.io import atomic_write
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 DEFAULT_X_KEY = "sampling.guidance_scale"
-# Numeric keys of metrics.json that describe the run rather than measure it: tabulated, never plotted by default.
-RUN_DESCRIPTION_KEYS = ("num_samples", "num_classes", "guidance_scale", "temperature")
+# Keys of metrics.json that describe the run rather than measure it: tabulated, never plotted by default. The
+# numeric ones always; tags (a list) when some job has any and they are not already an override column.
+RUN_DESCRIPTION_KEYS = ("num_samples", "num_classes", "guidance_scale", "temperature", "tags")
 # Known metrics come first in the table, in this order; other numeric keys follow in order of appearance.
 PREFERRED_METRIC_ORDER = ("fid", "isc", "isc_std", "kid", "kid_std", "precision", "recall", "f_score")
 METRIC_TITLES = {"fid": "FID", "isc": "Inception Score", "kid": "KID", "precision": "Precision", "recall": "Recall"}
@@ -284,11 +285,12 @@ def _ordered_union(key_lists: Sequence[Sequence[str]]) -> list[str]:
 
 
 def _default_metric_keys(jobs: Sequence[JobRecord]) -> list[str]:
-    numeric_keys = _ordered_union(
-        [[key for key, value in job.metrics.items() if _is_number(value)] for job in jobs]
+    keys = _ordered_union(
+        [[key for key, value in job.metrics.items() if _is_number(value) or (key in RUN_DESCRIPTION_KEYS and value)]
+         for job in jobs]
     )
-    preferred = [key for key in PREFERRED_METRIC_ORDER if key in numeric_keys]
-    return preferred + [key for key in numeric_keys if key not in preferred]
+    preferred = [key for key in PREFERRED_METRIC_ORDER if key in keys]
+    return preferred + [key for key in keys if key not in preferred]
 
 
 def _choose_x_key(jobs: Sequence[JobRecord], varying_keys: Sequence[str]) -> str | None:
@@ -330,7 +332,8 @@ def build_table(
             varying_keys.append(key)
             fixed_overrides.pop(key, None)
     if metric_keys is None:
-        metric_keys = _default_metric_keys(jobs)
+        # A description given as an override (`tags=[a,b]`) is a parameter column already.
+        metric_keys = [key for key in _default_metric_keys(jobs) if key not in parameter_keys]
     else:
         known = set(_ordered_union([list(job.metrics) for job in jobs]))
         unknown = [key for key in metric_keys if key not in known]

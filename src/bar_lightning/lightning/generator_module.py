@@ -110,6 +110,7 @@ class GeneratorModule(L.LightningModule):
 
     All arguments are plain dicts from the validated Hydra config (`model`, `optim`, `training`, `sampling`), saved
     as hyper-parameters so `GeneratorModule.load_from_checkpoint(path)` rebuilds the network with no other input.
+    `tags` (the config's top-level `tags`) only name the run: saved with them, so the loggers record them.
     """
 
     def __init__(
@@ -118,6 +119,7 @@ class GeneratorModule(L.LightningModule):
         optim: dict[str, Any],
         training: dict[str, Any],
         sampling: dict[str, Any],
+        tags: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()

@@ -68,6 +68,7 @@ class TokenizerModule(L.LightningModule):
         optim: dict[str, Any],
         training: dict[str, Any],
         evaluation: dict[str, Any] | None = None,
+        tags: list[str] | None = None,  # only name the run: saved with the hyper-parameters, so the loggers record them
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
