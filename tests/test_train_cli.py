@@ -53,8 +53,8 @@ def test_invalid_config_stops_before_building_anything(tmp_path, override, messa
 def test_full_size_bar_b_trains_one_step_on_cpu(tmp_path):
     """The 415M-parameter BAR-B at batch 2 fits in 24 GiB and trains one optimiser step on CPU (~2-3 min)."""
     result = run_train(
-        "experiment=bar_b", "trainer=cpu", "trainer.max_steps=1", "data=synthetic_tokens", "data.batch_size=2",
-        "data.synthetic_num_samples=4", f"hydra.run.dir={tmp_path}", *QUIET, timeout=900,
+        "experiment=bar_b", "trainer=cpu", "allow_large_model_on_cpu=true", "trainer.max_steps=1",
+        "data=synthetic_tokens", "data.batch_size=2", "data.synthetic_num_samples=4", f"hydra.run.dir={tmp_path}", *QUIET, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True,

@@ -19,6 +19,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from bar_lightning.paths import config_dir as project_config_dir
+
 log = logging.getLogger(__name__)
 
 
@@ -107,7 +109,7 @@ def check_overrides(config_name: str, argv: Sequence[str] | None = None, config_
     arguments = list(sys.argv[1:] if argv is None else argv)
     if any(argument.startswith("-") for argument in arguments) or full_errors_requested():
         return
-    config_dir = Path(config_dir) if config_dir is not None else Path(sys.argv[0]).resolve().parent / "conf"
+    config_dir = Path(config_dir) if config_dir is not None else project_config_dir()
     keys = [argument.split("=", 1)[0].lstrip("+~") for argument in arguments if "=" in argument]
     # `hydra.*` keys are left out: Lightning's DDP launcher starts each rank with the parent's arguments followed by
     # its own `hydra.run.dir=...`, so a run directory given on the command line appears twice there by design.

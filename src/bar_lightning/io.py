@@ -157,3 +157,17 @@ def _fsync_folder(folder: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def available_cpus() -> int:
+    """CPU cores this process may use (its affinity mask: a SLURM or container limit, not the whole machine)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def default_num_workers(processes_per_machine: int = 1, *, most: int = 16) -> int:
+    """Data-loading workers per training process: the cores left after one per process, shared, at most `most`."""
+    spare = available_cpus() // max(1, processes_per_machine) - 1
+    return max(0, min(most, spare))

@@ -13,8 +13,11 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from bar_lightning.config.schema import validate_train_config
-from bar_lightning.io import remove_stale_temporaries
+from bar_lightning.config.derive import command_line_overrides, derive_generator_settings
+from bar_lightning.config.history import record_config
+from bar_lightning.config.printing import print_config_tree
+from bar_lightning.config.schema import ConfigError, validate_train_config
+from bar_lightning.io import available_cpus, default_num_workers, remove_stale_temporaries
 from bar_lightning.lightning.callbacks import GlobalBatchMonitor
 from bar_lightning.lightning.checkpointing import (
     CHECKPOINT_KINDS,
@@ -30,7 +33,11 @@ from bar_lightning.lightning.checkpointing import (
     scan_checkpoints,
 )
 from bar_lightning.lightning.generator_module import GeneratorModule
-from bar_lightning.lightning.image_datamodule import ImageDataModule, SyntheticImageDataModule
+from bar_lightning.lightning.image_datamodule import (
+    ImageDataModule,
+    SyntheticImageDataModule,
+    check_shard_sources,
+)
 from bar_lightning.lightning.preemption import DEFAULT_PREEMPTION_EXIT_CODE, Preempted, PreemptionCheckpoint
 from bar_lightning.lightning.random_state import RandomStateCheckpoint
 from bar_lightning.lightning.strategies import strategy_for_task
@@ -63,8 +70,10 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
     (`PreemptionCheckpoint`, last in the list so every other callback has finished the step).
     """
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    if isinstance(trainer_kwargs.get("strategy"), dict):
-        trainer_kwargs["strategy"] = hydra.utils.instantiate(cfg.trainer.strategy)
+    # Each a name ("ddp", "simple") or a config with _target_ (trainer=fsdp, debug=profiler).
+    for key in ("strategy", "profiler"):
+        if isinstance(trainer_kwargs.get(key), dict):
+            trainer_kwargs[key] = hydra.utils.instantiate(cfg.trainer[key])
     trainer_kwargs["strategy"] = strategy_for_task(trainer_kwargs.get("strategy", "auto"), cfg.task)
     trainer_kwargs.update(overrides)
     callbacks = _instantiate_all(cfg.callbacks)
@@ -89,7 +98,7 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
     if preemption is not None and preemption.enabled:
         callbacks.append(PreemptionCheckpoint(
             checkpoint_path=checkpoint_folder(cfg) / LAST_CHECKPOINT_NAME, signals=list(preemption.signals),
-            exit_code=preemption.exit_code, requeue=preemption.requeue,
+            exit_code=preemption.exit_code, requeue=preemption.requeue, interrupt=preemption.interrupt,
         ))
         if SLURMEnvironment.detect():
             # Lightning's own SLURM handler saves inside the signal handler and requeues from there; ours saves at
@@ -107,7 +116,8 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
 def build_generator_job(cfg: DictConfig) -> tuple[GeneratorModule, TokenDataModule]:
     plain = OmegaConf.to_container(cfg, resolve=True)
     module = GeneratorModule(
-        model=plain["model"], optim=plain["optim"], training=plain["training"], sampling=plain["sampling"]
+        model=plain["model"], optim=plain["optim"], training=plain["training"], sampling=plain["sampling"],
+        tags=plain["tags"],
     )
     datamodule = TokenDataModule(**plain["data"])
     return module, datamodule
@@ -125,7 +135,7 @@ def build_tokenizer_job(cfg: DictConfig) -> tuple[TokenizerModule, L.LightningDa
     # Building the module checks every pretrained file the losses and the discriminator need, before any data.
     module = TokenizerModule(
         model=plain["model"], loss=plain["loss"], discriminator=plain["discriminator"], optim=plain["optim"],
-        training=plain["training"], evaluation=plain["evaluation"],
+        training=plain["training"], evaluation=plain["evaluation"], tags=plain["tags"],
     )
     data = dict(plain["data"])
     source = data.pop("source")
@@ -149,6 +159,62 @@ def initialise_encoder(module: TokenizerModule, weights: str) -> None:
     if module.ema is not None:
         module.ema.averaged.load_state_dict(module.tokenizer.state_dict())
     log.info("initialised the tokenizer encoder from %s", weights)
+
+
+def resolve_num_workers(cfg: DictConfig) -> None:
+    """`data.num_workers=auto`: the data-loading processes this machine affords each training process."""
+    if cfg.data.get("num_workers") != "auto":
+        return
+    processes = local_processes(cfg.trainer)
+    cfg.data.num_workers = default_num_workers(processes)
+    if cfg.data.num_workers == 0 and cfg.data.get("persistent_workers"):
+        cfg.data.persistent_workers = False  # nothing to keep alive without worker processes
+    log.info("data.num_workers=auto -> %d (%d CPU cores for %d training process(es) on this machine)",
+             cfg.data.num_workers, available_cpus(), processes)
+
+
+def local_processes(trainer: DictConfig) -> int:
+    """Training processes on this machine: `trainer.devices` when it is a count or a list, else one per GPU."""
+    devices = trainer.get("devices", "auto")
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    if isinstance(devices, str) and devices.isdigit() and int(devices) > 0:
+        return int(devices)
+    if hasattr(devices, "__len__") and not isinstance(devices, str):
+        return max(1, len(devices))
+    if trainer.get("accelerator") != "cpu" and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return 1
+
+
+def model_parameter_count(model: DictConfig) -> int:
+    """Parameters of the generator `model` describes, counted on the meta device (nothing is allocated)."""
+    from bar_lightning.models.bar import BARGenerator
+
+    with torch.device("meta"):
+        generator = BARGenerator(**OmegaConf.to_container(model, resolve=True))
+    return sum(parameter.numel() for parameter in generator.parameters())
+
+
+# A generator above this many parameters takes minutes per step on a CPU: refused there unless asked for.
+CPU_PARAMETER_LIMIT = 50_000_000
+
+
+def check_model_fits_the_machine(cfg: DictConfig) -> None:
+    """Refuse a full-size generator on a CPU-only run (plain `python train.py` composes BAR-B) unless asked."""
+    if cfg.task != "generator" or cfg.get("allow_large_model_on_cpu"):
+        return
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if not on_cpu or cfg.trainer.get("fast_dev_run"):
+        return
+    parameters = model_parameter_count(cfg.model)
+    if parameters > CPU_PARAMETER_LIMIT:
+        raise ConfigError(
+            f"this generator (experiment_name={cfg.get('experiment_name')}) has {parameters / 1e6:.0f}M parameters "
+            "and would train on the CPU, minutes per step: on GPUs add trainer=gpu (or trainer=ddp); to try things "
+            "here use experiment=tiny_generator (seconds) or `make demo`; allow_large_model_on_cpu=true runs it anyway"
+        )
 
 
 def run_identity(cfg: DictConfig) -> dict[str, Any] | None:
@@ -206,18 +272,30 @@ def train(cfg: DictConfig) -> dict[str, float]:
     The run directory is held by this process for the whole run (`run.lock`): a second train.py started in it stops
     at once naming this one. Temporary files left by a killed save are removed first.
     """
-    cfg = validate_train_config(cfg)
-    with run_lock(cfg.paths.output_dir, purpose="train.py") as lock:
-        if lock is not None:
-            for folder in (Path(cfg.paths.output_dir), checkpoint_folder(cfg)):
-                remove_stale_temporaries(folder)
-        return _fit(cfg)
+    cfg = validate_train_config(derive_generator_settings(cfg, command_line_overrides()))
+    check_model_fits_the_machine(cfg)
+    if cfg.print_config:
+        print_config_tree(cfg)
+    output_dir = Path(cfg.paths.output_dir).resolve()
+    log.info("Output dir: %s", output_dir)
+    try:
+        with run_lock(cfg.paths.output_dir, purpose="train.py") as lock:
+            if lock is not None:
+                for folder in (Path(cfg.paths.output_dir), checkpoint_folder(cfg)):
+                    remove_stale_temporaries(folder)
+            return _fit(cfg)
+    finally:
+        log.info("Output dir: %s", output_dir)
 
 
 def _fit(cfg: DictConfig) -> dict[str, float]:
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
-    L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg)
+    if cfg.task == "tokenizer" and cfg.data.source != "synthetic":
+        # The shards first: a wrong path fails in a second, naming its key, not after the networks are built.
+        check_shard_sources(train_shards=cfg.data.train_shards, eval_shards=cfg.data.eval_shards)
+    L.seed_everything(cfg.seed, workers=True)
+    resolve_num_workers(cfg)
     if cfg.task == "tokenizer":
         module, datamodule = build_tokenizer_job(cfg)
         if cfg.training.encoder_init_weights and ckpt_path is None:
@@ -229,7 +307,9 @@ def _fit(cfg: DictConfig) -> dict[str, float]:
     # Every process of a multi-process run composes the same config into the same run directory; one writes it.
     # (The rank is known here: from LOCAL_RANK in the processes Lightning starts, from SLURM or torchrun otherwise.)
     if trainer.is_global_zero:
-        OmegaConf.save(cfg, Path(cfg.paths.output_dir) / "config.yaml")
+        # config.yaml keeps the run's first config; a resumed attempt's changes go to config_history.yaml.
+        resumed_step = inspect_checkpoint(ckpt_path).global_step if ckpt_path is not None else None
+        record_config(cfg, cfg.paths.output_dir, resumed_step=resumed_step)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException as error:

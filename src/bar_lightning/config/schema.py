@@ -10,9 +10,10 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from bar_lightning.models.bar import SAMPLING_PRECISIONS
@@ -109,7 +110,7 @@ class TokenDataConfig:
     source: str = "synthetic"
     root: str | None = None
     batch_size: int = 128
-    num_workers: int = 0
+    num_workers: Any = 0  # a count, or "auto" (see bar_lightning.io.default_num_workers)
     tokens: int = 256
     bits_per_token: int = 16
     num_classes: int = 1000
@@ -135,6 +136,7 @@ class PreemptionConfig:
     signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
     exit_code: int = 75  # sysexits.h EX_TEMPFAIL: "temporary failure, try again"
     requeue: bool = True
+    interrupt: bool = True  # Ctrl-C saves at the next step boundary too, then exits with 130 (never requeues)
 
 
 def inductor_options(options: Any) -> dict[str, Any]:
@@ -186,6 +188,9 @@ def check_preemption(preemption: DictConfig) -> None:
     unknown = sorted(set(preemption.signals) - set(PREEMPTION_SIGNALS))
     if unknown:
         raise ConfigError(f"preemption.signals has unknown signal(s) {unknown}; use some of {sorted(PREEMPTION_SIGNALS)}")
+    if preemption.interrupt and "SIGINT" in preemption.signals:
+        raise ConfigError("preemption.signals lists SIGINT while preemption.interrupt=true handles it; remove it from "
+                          "preemption.signals, or set preemption.interrupt=false to treat it as a preemption signal")
     if not 2 <= preemption.exit_code <= 125:
         raise ConfigError(
             f"preemption.exit_code={preemption.exit_code} must be in 2..125 (0 and 1 mean success and error; "
@@ -220,6 +225,9 @@ class TrainerConfig:
     fast_dev_run: Any = False
     use_distributed_sampler: bool = True
     sync_batchnorm: bool = False
+    overfit_batches: Any = 0.0  # debug=overfit: train (and validate) on this many batches (an int) or fraction
+    # debug=profiler: "simple" / "advanced" (report in the log), or a profiler config with _target_ (report in a file)
+    profiler: Any = None
 
 
 @dataclass
@@ -235,9 +243,13 @@ class PathsConfig:
 class GeneratorTrainConfig:
     task: str = "generator"
     experiment_name: str = "default"
+    tags: list[str] = field(default_factory=list)
+    print_config: bool = True
     seed: int = 42
     float32_matmul_precision: str = "high"
     ckpt_path: str | None = None
+    # A generator over 50M parameters on a CPU-only run is refused (plain `python train.py` is BAR-B) unless true.
+    allow_large_model_on_cpu: bool = False
     model: GeneratorModelConfig = field(default_factory=GeneratorModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     training: GeneratorTrainingConfig = field(default_factory=GeneratorTrainingConfig)
@@ -304,7 +316,7 @@ class ImageDataConfig:
     eval_shards: str | None = None
     batch_size: int = 32
     eval_batch_size: int | None = None
-    num_workers: int = 0
+    num_workers: Any = 0  # a count, or "auto" (see bar_lightning.io.default_num_workers)
     resize_shorter_edge: int = 256
     crop_size: int = 256
     random_crop: bool = True
@@ -327,9 +339,12 @@ class ImageDataConfig:
 class TokenizerTrainConfig:
     task: str = "tokenizer"
     experiment_name: str = "default"
+    tags: list[str] = field(default_factory=list)
+    print_config: bool = True
     seed: int = 42
     float32_matmul_precision: str = "high"
     ckpt_path: str | None = None
+    allow_large_model_on_cpu: bool = False  # (the check applies to generators)
     model: dict[str, Any] = field(default_factory=dict)
     loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
     discriminator: dict[str, Any] | None = None
@@ -410,6 +425,27 @@ def merge_with_schema(cfg: DictConfig, schema: type) -> DictConfig:
         raise ConfigError(f"invalid configuration: {error}{closest_key_hint(error, schema)}") from None
     OmegaConf.set_struct(merged, True)
     return merged
+
+
+def tags_as_list(cfg: DictConfig) -> DictConfig:
+    """`cfg` with `tags` as a list: `tags=foo` on the command line is the one-element list `[foo]`, `tags=null` none.
+
+    Hydra reads `tags=foo` as a string, which the schema's list would refuse with a type error; one tag is what was
+    meant. A value that already is a list is left to the schema.
+    """
+    if "tags" not in cfg or isinstance(cfg.tags, (list, ListConfig)):
+        return cfg
+    return OmegaConf.merge(cfg, {"tags": [] if cfg.tags is None else [str(cfg.tags)]})
+
+
+def check_tags(tags: ListConfig) -> None:
+    """Tags name a run in its loggers and metrics.json: each one a non-empty string."""
+    empty = [index for index, tag in enumerate(tags) if not tag.strip()]
+    if empty:
+        raise ConfigError(
+            f"tags={list(tags)}: tag {empty[0]} is empty; give names, e.g. tags=[baseline,lr-sweep] "
+            "(or tags=[] for none)"
+        )
 
 
 # Keys that moved: where their value is set now.
@@ -500,13 +536,22 @@ def check_generator_model(model: DictConfig) -> int:
     return bits_per_step
 
 
+def check_num_workers(value: Any) -> None:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return
+    raise ConfigError(f"data.num_workers={value!r}: use a count >= 0 (0 loads in the training process) or auto "
+                      "(the cores of this machine per training process)")
+
+
 def validate_train_config(cfg: DictConfig) -> DictConfig:
     """Validate a composed training config before any model or data is built."""
     task = cfg.get("task", None)
     if task not in SCHEMAS:
         raise ConfigError(f"task={task!r} is unknown; use one of {sorted(SCHEMAS)} (set by the experiment)")
-    merged = merge_with_schema(cfg, SCHEMAS[task])
+    merged = merge_with_schema(tags_as_list(cfg), SCHEMAS[task])
+    check_tags(merged.tags)
     check_preemption(merged.preemption)
+    check_num_workers(merged.data.get("num_workers"))
     if merged.trainer.max_steps <= 0 and not merged.trainer.fast_dev_run:
         raise ConfigError(
             f"trainer.max_steps={merged.trainer.max_steps} must be a positive number of optimiser steps (runs are "
@@ -601,7 +646,10 @@ class SpeedConfig:
 class EvaluateConfig:
     task: str = "evaluate"
     experiment_name: str = "evaluate"
+    tags: list[str] = field(default_factory=list)
+    print_config: bool = True
     seed: int = 0
+    ckpt_path: str | None = None  # the same as generator.checkpoint (the key train.py resumes from)
     generator: ModelSourceConfig = field(default_factory=ModelSourceConfig)
     tokenizer: ModelSourceConfig = field(default_factory=ModelSourceConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -617,11 +665,20 @@ class EvaluateConfig:
 
 
 def validate_evaluate_config(cfg: DictConfig) -> DictConfig:
-    merged = merge_with_schema(cfg, EvaluateConfig)
+    merged = merge_with_schema(tags_as_list(cfg), EvaluateConfig)
+    check_tags(merged.tags)
     source = merged.generator
+    if merged.ckpt_path:
+        # train.py's key for a Lightning checkpoint, accepted here too: from now on it is generator.checkpoint.
+        if source.checkpoint and Path(source.checkpoint).resolve() != Path(merged.ckpt_path).resolve():
+            raise ConfigError(
+                f"ckpt_path={merged.ckpt_path} and generator.checkpoint={source.checkpoint} name different "
+                "checkpoints; both mean the generator checkpoint: give one of them"
+            )
+        source.checkpoint = merged.ckpt_path
     if bool(source.checkpoint) == bool(source.upstream_weights):
         raise ConfigError(
-            "give exactly one of generator.checkpoint=<this project's .ckpt> or "
+            "give exactly one of generator.checkpoint=<this project's .ckpt> (or ckpt_path=) or "
             "generator.upstream_weights=<released .bin> (with generator.upstream_config=<its yaml>)"
         )
     if source.upstream_weights and not source.upstream_config:

@@ -213,7 +213,8 @@ def _evaluate(cfg: DictConfig, *, rank: int, world_size: int, output: Path) -> d
                                      "tokenizer": model_source_record(cfg.tokenizer)}) if rank == 0 else {}
 
     if cfg.speed.enabled:
-        result = run_speed_benchmark(generator, tokenizer, cfg, allocation, device, world_size)
+        result = {**run_speed_benchmark(generator, tokenizer, cfg, allocation, device, world_size),
+                  "tags": list(cfg.tags)}
         if rank == 0:
             atomic_write_json(output / "speed.json", {**result, "provenance": record}, indent=2, sort_keys=True)
             log.info("%.1f images/s (%d processes)", result["images_per_second"], world_size)
@@ -239,7 +240,7 @@ def _evaluate(cfg: DictConfig, *, rank: int, world_size: int, output: Path) -> d
     result: dict[str, Any] = {"num_samples": len(labels), "num_classes": len(classes),
                               "guidance_scale": float(cfg.sampling.guidance_scale),
                               "temperature": float(cfg.sampling.temperature),
-                              "tokens_allocation": list(allocation)}
+                              "tokens_allocation": list(allocation), "tags": list(cfg.tags)}
     if images is not None:
         if cfg.save.npz:
             from bar_lightning.eval.metrics import save_adm_npz
@@ -264,6 +265,12 @@ REFERENCE_HINT = (
     "an ADM reference batch: for ImageNet 256 px `wget https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
     "ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz` (docs/evaluation.md); for your own data, real images "
     "saved with bar_lightning.eval.metrics.save_adm_npz"
+)
+
+
+INCEPTION_HINT = (
+    "torch-fidelity's release: wget -P pretrained https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+    "weights-inception-2015-12-05-6726825d.pth"
 )
 
 
@@ -300,8 +307,13 @@ def check_metric_request(metrics: DictConfig, names: list[str], *, num_samples: 
         return
     from bar_lightning.eval.metrics import check_weights_file
 
-    check_weights_file(metrics.inception_weights, what="FID Inception weights (weights-inception-2015-12-05-6726825d.pth)",
-                       needed_by=f"metrics {sorted(names)} [metrics.inception_weights]")
+    try:
+        check_weights_file(metrics.inception_weights,
+                           what="FID Inception weights (weights-inception-2015-12-05-6726825d.pth)",
+                           needed_by=f"metrics {sorted(names)} [metrics.inception_weights]")
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{error} ({INCEPTION_HINT}); metrics.names=[] saves the samples without scoring "
+                                "them") from None
     if "fid" in names and num_samples <= INCEPTION_FEATURE_DIM and not metrics.allow_small_sample:
         raise ConfigError(
             f"FID from {num_samples} samples: the {INCEPTION_FEATURE_DIM}-d feature covariance is rank-deficient below "

@@ -52,6 +52,18 @@ from bar_lightning.lightning.token_datamodule import (
 )
 
 
+def check_shard_sources(**sources: Any) -> None:
+    """Every named shard spec resolves to existing shards; otherwise the error names `data.<key>` and its fix."""
+    for key, spec in sources.items():
+        if not spec:
+            continue
+        try:
+            expand_shard_pattern(spec)
+        except (OSError, ValueError) as error:
+            hint = " (null: no validation)" if key == "eval_shards" else ""
+            raise type(error)(f"data.{key}: {error}; set data.{key}=<shards>{hint}") from None
+
+
 class ImageDataModule(EpochSyncedDataModule):
     """Webdataset image shards for the tokenizer: augmented, resampled training and strict, exact evaluation.
 
@@ -146,10 +158,8 @@ class ImageDataModule(EpochSyncedDataModule):
         return self.trainer.global_rank, self.trainer.world_size
 
     def prepare_data(self) -> None:
-        # Runs before setup(): a wrong pattern fails here with the pattern in the message.
-        expand_shard_pattern(self.train_shards)
-        if self.eval_shards:
-            expand_shard_pattern(self.eval_shards)
+        # Runs before setup(): a wrong pattern fails here naming the config key and the pattern.
+        check_shard_sources(train_shards=self.train_shards, eval_shards=self.eval_shards)
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets for this rank (once; later calls are no-ops)."""

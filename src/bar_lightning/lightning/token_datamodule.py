@@ -287,9 +287,11 @@ class TokenDataModule(EpochSyncedDataModule):
                     sample_seed=self.seed + _VAL_SAMPLE_SEED_OFFSET,
                 )
         if self.drop_last and len(dataset) < self.batch_size:
-            raise ValueError(
+            from bar_lightning.config.schema import ConfigError
+
+            raise ConfigError(
                 f"the training set has {len(dataset)} items, fewer than batch_size={self.batch_size} with "
-                "drop_last=True, so an epoch would have no batches; lower batch_size or add data"
+                "drop_last=True, so an epoch would have no batches; lower data.batch_size or add data"
             )
         dataset.set_epoch(self._epoch)
         self.train_dataset = dataset
