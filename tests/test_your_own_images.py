@@ -287,3 +287,9 @@ def test_num_workers_auto_follows_the_machine(monkeypatch):
     for bad in (-1, "many", 1.5):
         with pytest.raises(ConfigError, match="data.num_workers"):
             check_num_workers(bad)
+
+
+def test_logger_none_trains(tmp_path):
+    result = bash(TINY.format(steps=2, run=tmp_path) + " logger=none")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and not (tmp_path / "tensorboard").exists()

@@ -88,6 +88,12 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
         from lightning.pytorch.callbacks import ProgressBar
 
         callbacks = [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
+    loggers = _instantiate_all(cfg.logger)
+    if not loggers:
+        # logger=none: Lightning's LearningRateMonitor refuses a trainer without a logger; there is nothing to log to.
+        from lightning.pytorch.callbacks import LearningRateMonitor
+
+        callbacks = [callback for callback in callbacks if not isinstance(callback, LearningRateMonitor)]
     callbacks.append(RandomStateCheckpoint(seed=cfg.seed))
     callbacks.append(RunIdentity(run_identity(cfg)))
     callbacks.append(GlobalBatchMonitor(per_process_batch_size=cfg.data.batch_size))
@@ -106,7 +112,7 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
             plugins.append(SLURMEnvironment(auto_requeue=False))
     return L.Trainer(
         callbacks=callbacks,
-        logger=_instantiate_all(cfg.logger) or False,
+        logger=loggers or False,
         default_root_dir=cfg.paths.output_dir,
         plugins=plugins,
         **trainer_kwargs,
