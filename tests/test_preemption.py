@@ -63,6 +63,7 @@ def requeues(monkeypatch) -> list[str]:
 def test_first_ctrl_c_is_acknowledged_at_once_and_the_step_boundary_saves_exits_130_without_requeue(
     tmp_path, caplog, requeues
 ):
+    handler_before = signal.getsignal(signal.SIGINT)
     callback = PreemptionCheckpoint(tmp_path / "last.ckpt")
     trainer = started(callback, step=6)
     try:
@@ -80,7 +81,7 @@ def test_first_ctrl_c_is_acknowledged_at_once_and_the_step_boundary_saves_exits_
         f"Saved {tmp_path / 'last.ckpt'} at step 7; run the same command to resume from it"
     )
     assert requeues == []
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler is back
+    assert signal.getsignal(signal.SIGINT) is handler_before  # the handler of before the run is back
 
 
 def test_second_ctrl_c_stops_at_once_without_saving(tmp_path, caplog):
