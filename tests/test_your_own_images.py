@@ -270,7 +270,7 @@ def test_a_missing_eval_shard_set_is_named_by_its_key(tmp_path):
     result = bash(f"python train.py experiment=own_tokenizer data.train_shards={tmp_path}/s/x.index.json "
                   f"'data.eval_shards=\"{tmp_path}/missing-{{000000..000003}}.tar\"' hydra.run.dir={tmp_path}/run")
     assert result.returncode == 1
-    assert result.stderr.startswith("Error: FileNotFoundError: data.eval_shards: 4 of the 4 shards"), result.stderr
+    assert "\nError: FileNotFoundError: data.eval_shards: 4 of the 4 shards" in "\n" + result.stderr, result.stderr
     assert "set data.eval_shards=<shards> (null: no validation)" in result.stderr
 
 

@@ -143,6 +143,9 @@ def build_tokenizer_job(cfg: DictConfig) -> tuple[TokenizerModule, L.LightningDa
         model=plain["model"], loss=plain["loss"], discriminator=plain["discriminator"], optim=plain["optim"],
         training=plain["training"], evaluation=plain["evaluation"], tags=plain["tags"],
     )
+    if plain["data"]["source"] != "synthetic":
+        # Before any data is read: a wrong shard path fails naming its key (after the pretrained-file checks).
+        check_shard_sources(train_shards=plain["data"]["train_shards"], eval_shards=plain["data"]["eval_shards"])
     data = dict(plain["data"])
     source = data.pop("source")
     synthetic_samples, synthetic_val = data.pop("synthetic_num_samples"), data.pop("synthetic_val_num_samples")
@@ -297,9 +300,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def _fit(cfg: DictConfig) -> dict[str, float]:
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     ckpt_path = resolve_ckpt_path(cfg)
-    if cfg.task == "tokenizer" and cfg.data.source != "synthetic":
-        # The shards first: a wrong path fails in a second, naming its key, not after the networks are built.
-        check_shard_sources(train_shards=cfg.data.train_shards, eval_shards=cfg.data.eval_shards)
     L.seed_everything(cfg.seed, workers=True)
     resolve_num_workers(cfg)
     if cfg.task == "tokenizer":
