@@ -23,6 +23,8 @@ from bar_lightning.paths import config_dir as project_config_dir
 
 log = logging.getLogger(__name__)
 
+INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT, as the preemption callback and shells use
+
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Errors whose message tells the user what to fix: shown without a traceback."""
@@ -83,6 +85,15 @@ def report_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfi
                 raise
             print(f"Error: {message}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
             raise SystemExit(1) from None
+        except KeyboardInterrupt:
+            # Ctrl-C outside fitting (while building models, reading data, evaluating): during fitting the
+            # preemption callback handles it and saves. Nothing half-written is left: files are written atomically.
+            if full_errors_requested() or _in_multirun():
+                raise
+            _log_to_job_files("Interrupted (Ctrl-C)")
+            print(f"Interrupted (Ctrl-C) outside a training step: nothing new was saved; files written before are "
+                  f"kept (exit code {INTERRUPT_EXIT_CODE})", file=sys.stderr)
+            raise SystemExit(INTERRUPT_EXIT_CODE) from None
 
     return run
 

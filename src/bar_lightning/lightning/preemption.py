@@ -10,6 +10,11 @@ command resumes from.
 Ctrl-C (SIGINT, `interrupt=True`) takes the same path with three differences: the first one is acknowledged at once,
 the process exits with 130 (128 + SIGINT, what shells expect from an interrupted program) and never requeues, and a
 second Ctrl-C before the save is done stops at once without saving.
+
+The handlers never log themselves: a Python signal handler runs between two bytecodes of the main thread, which may
+be inside a logging handler's write to the same stream, and a second write from the handler fails there
+("reentrant call inside <_io.BufferedWriter>", printed as a logging error with the message twice). Their lines are
+logged by a short-lived thread, which waits for the logging lock the main thread holds and writes after it.
 """
 
 from __future__ import annotations
@@ -122,6 +127,7 @@ class PreemptionCheckpoint(L.Callback):
         # Set when the handlers are installed: the process that trains, and whether it logs (global rank 0).
         self._training_pid: int | None = None
         self._is_global_zero = True
+        self._messages: list[threading.Thread] = []
 
     # ----------------------------------------------------------------- signal side: set the flag, nothing else
     def handle_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -134,14 +140,27 @@ class PreemptionCheckpoint(L.Callback):
         self.interrupts += 1
         if self.interrupts == 1:
             if self._is_global_zero:
-                log.warning("Ctrl-C: saving a checkpoint at the end of this step; press Ctrl-C again to stop at once "
-                            "without saving")
+                self._log_outside_the_handler("Ctrl-C: saving a checkpoint at the end of this step; press Ctrl-C "
+                                              "again to stop at once without saving")
             return
         # From here a further Ctrl-C kills the process outright, e.g. one that hangs while unwinding.
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         if self._is_global_zero:
-            log.warning("second Ctrl-C: stopping at once without saving (exit code %d)", INTERRUPT_EXIT_CODE)
+            self._log_outside_the_handler(f"second Ctrl-C: stopping at once without saving (exit code "
+                                          f"{INTERRUPT_EXIT_CODE})")
         raise Interrupted(INTERRUPT_EXIT_CODE)
+
+    def _log_outside_the_handler(self, message: str) -> None:
+        # See the module docstring: the main thread may be inside this very logging call's stream.
+        thread = threading.Thread(target=log.warning, args=("%s", message), name="ctrl-c-message")
+        thread.start()
+        self._messages.append(thread)
+
+    def join_messages(self, timeout: float | None = None) -> None:
+        """Wait until the lines the signal handlers asked for are logged (in order before what follows them)."""
+        for thread in self._messages:
+            thread.join(timeout)
+        self._messages = [thread for thread in self._messages if thread.is_alive()]
 
     def _install_handlers(self, signals: list[int], handler: Any) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -175,6 +194,7 @@ class PreemptionCheckpoint(L.Callback):
         if trainer.global_step == self._global_step_at_last_check:
             return  # no optimiser step in this batch (gradient accumulation): its gradients are not saved
         self._global_step_at_last_check = trainer.global_step
+        self.join_messages(timeout=10.0)  # the Ctrl-C acknowledgement comes before the "Saved" line
         # Every rank must take the same branch: save_checkpoint is collective under DDP/FSDP.
         stop = self.received_signal is not None or self.interrupts > 0
         if not trainer.strategy.reduce_boolean_decision(stop, all=False):
@@ -199,6 +219,7 @@ class PreemptionCheckpoint(L.Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore_handlers()
+        self.join_messages(timeout=5.0)
 
 
 class SendSignalAtStep(L.Callback):
