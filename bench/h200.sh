@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The H200 benchmark session, one device call per part; JSON and logs under $OUT.
-#   bash bench/h200.sh sampling | training | graphs | strategies | final | memory | diagnose
-# Needs the wheels of ../shared/tools/device-wheels.sh in .whl (Hydra, webdataset, torch-fidelity).
+#   bash bench/h200.sh sampling | training | graphs | strategies | final | memory | diagnose | tokenizer | official_tokenizer
+# Needs the wheels of ../shared/tools/device-wheels.sh in .whl (Hydra, webdataset, torch-fidelity); official_tokenizer
+# also the official requirements (transformers 4.56.1, timm, accelerate and theirs) there and the official code
+# exported to .upstream/bar (bench/official_tokenizer.py says how).
 set -uo pipefail
 OUT=${OUT:-/tmp/bench_out}
 mkdir -p "$OUT"
@@ -73,5 +75,21 @@ case "${1:-sampling}" in
     ;;
   diagnose)
     cd bench && python3 decode_kernels.py --profile --out "$OUT/decode_kernels.json" 2>&1 | quiet
+    ;;
+  tokenizer)
+    # A plain train.py (BAR-B) on the GPU: data.num_workers=auto from the machine's cores, no CPU refusal.
+    timeout 150 python3 train.py data=synthetic_tokens data.num_workers=auto trainer.max_steps=2 training.compile=false \
+      logger=none callbacks=none print_config=false hydra.run.dir=/tmp/plain_run 2>&1 | grep -E "num_workers=auto|Error|Output dir" | tail -4
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_tokenizer.py tests/test_run_conveniences.py 2>&1 | tail -8 | tee "$OUT/gpu_tokenizer_tests.log"
+    cd bench
+    timeout 420 python3 tokenizer_training.py --phases generator,gan --variants eager,compile \
+      --out "$OUT/tokenizer_training.json" 2>&1 | quiet | tail -12
+    ;;
+  official_tokenizer)
+    # The official tokenizer step (its compile_model: true), both phases, on the same card.
+    cd bench
+    for phase in generator gan; do
+      timeout 280 python3 official_tokenizer.py --phase $phase --out "$OUT/official_tokenizer_$phase.json" 2>&1 | quiet | tail -3
+    done
     ;;
 esac

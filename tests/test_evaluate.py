@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from bar_lightning.config.schema import ConfigError, validate_evaluate_config
-from bar_lightning.eval.evaluate import run_evaluation, shard_indices
+from bar_lightning.eval.evaluate import run_evaluation, shard_indices, to_uint8_images
 from bar_lightning.eval.sampling import balanced_labels
 
 from .conftest import FIXTURES
@@ -127,12 +127,12 @@ def test_without_the_reference_the_metrics_comparing_with_it_are_skipped(tmp_pat
     with caplog.at_level(logging.INFO):
         assert metrics_to_compute(cfg, has_tokenizer=True) == ["isc"]
     [note] = [record.message for record in caplog.records if "not found" in record.message]
-    assert note.startswith(f"metrics.reference={tmp_path / 'absent.npz'} not found: skipping fid, kid, prc. They "
+    assert note.startswith(f"metrics.reference={tmp_path / 'absent.npz'} not found: skipping fid, sfid, kid, prc. They "
                            "compare with an ADM reference batch: for ImageNet 256 px `wget https://")
     # IS needs the samples alone: no reference at all.
     images = np.random.default_rng(0).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
     scores = compute_generation_metrics(images, reference=None, inception_weights=inception_weights,
-                                        metrics=("isc",), isc_splits=2)
+                                        metrics=("isc",), isc_split_size=2)
     assert set(scores) == {"isc", "isc_std"} and scores["isc"] > 0
     with pytest.raises(ValueError, match=r"metrics \['fid'\] compare with a reference batch; none was given"):
         compute_generation_metrics(images, reference=None, inception_weights=inception_weights, metrics=("fid",))
@@ -175,3 +175,19 @@ def test_speed_mode_times_batches_and_saves_nothing(upstream_a1, tmp_path):
     result = run_evaluation(cfg)
     assert result["images_per_second"] > 0 and result["timed_batches"] == 2 and result["batch_size"] == 4
     assert (tmp_path / "speed.json").is_file() and not (tmp_path / "samples_bits.npz").exists()
+
+
+def test_samples_are_converted_to_uint8_as_the_official_sampler_writes_them():
+    # The official sampler: x01 = (x + 1) / 2; (clamp(x01, 0, 1) * 255.0).to(uint8), i.e. truncation.
+    generator = torch.Generator().manual_seed(0)
+    images = torch.cat([torch.rand(2, 3, 16, 16, generator=generator) * 2.4 - 1.2,  # beyond [-1, 1] too
+                        (torch.arange(256.0) / 127.5 - 1.0).reshape(1, 1, 16, 16).expand(1, 3, 16, 16)])
+    official = (torch.clamp((images + 1.0) / 2.0, 0.0, 1.0) * 255.0).permute(0, 2, 3, 1).to(torch.uint8).numpy()
+    converted = to_uint8_images(images)
+    assert converted.dtype == np.uint8 and converted.shape == (3, 16, 16, 3)
+    np.testing.assert_array_equal(converted, official)
+    # Truncation, not rounding: a value just under a level stays below it.
+    just_under = torch.full((1, 3, 1, 1), (100.0 - 1e-3) / 127.5 - 1.0)
+    assert to_uint8_images(just_under).ravel().tolist() == [99, 99, 99]
+    rounded = torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8).numpy()
+    assert (rounded != converted).mean() > 0.3  # what the earlier conversion got wrong

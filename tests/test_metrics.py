@@ -16,20 +16,24 @@ import torch
 from bar_lightning.eval import metrics as metrics_module
 from bar_lightning.eval.metrics import (
     INCEPTION_FEATURE_DIM,
+    SFID_FEATURE_DIM,
+    SFID_FEATURE_LAYER,
     RunningFeatureStatistics,
     check_weights_file,
     compute_generation_metrics,
     extract_inception_features,
     feature_statistics,
     frechet_distance,
+    inception_score,
     inspect_reference_npz,
     load_adm_npz,
     load_reference_statistics,
+    manifold_precision_recall,
     save_adm_npz,
     save_reference_statistics,
 )
 
-SMALL = {"allow_small_sample": True, "kid_subset_size": 4, "kid_subsets": 10, "isc_splits": 2}
+SMALL = {"allow_small_sample": True, "kid_subset_size": 4, "kid_subsets": 10, "isc_split_size": 2}
 
 
 def _refuse_download(*args, **kwargs):
@@ -257,16 +261,80 @@ def test_feature_statistics_do_not_depend_on_chunking():
 
 def test_metrics_of_different_sets(metrics_bright_vs_dark):
     result = metrics_bright_vs_dark
-    assert set(result) == {"fid", "isc", "isc_std", "kid", "kid_std", "precision", "recall", "f_score"}
+    assert set(result) == {"fid", "sfid", "isc", "isc_std", "kid", "kid_std", "precision", "recall", "f_score"}
     assert all(isinstance(value, float) and np.isfinite(value) for value in result.values())
-    assert result["fid"] > 1.0
+    assert result["fid"] > 1.0 and result["sfid"] > 0.0
     assert result["isc"] >= 1.0 - 1e-6
     assert 0.0 <= result["precision"] <= 1.0 and 0.0 <= result["recall"] <= 1.0
 
 
-def test_is_kid_prc_plumbing_equals_torch_fidelity_calculate_metrics(tmp_path, inception_weights, monkeypatch):
-    # Same canned features on both routes (no Inception pass): our calls of torch-fidelity's IS / KID / PRC
-    # functions must give exactly what calculate_metrics gives for the same options.
+# Direct float64 implementations of ADM's evaluator formulas (guided-diffusion/evaluations/evaluator.py), written
+# with full matrices and numpy: what the blocked, device-side functions must reproduce.
+
+
+def adm_inception_score(logits: np.ndarray, split_size: int) -> float:
+    logits = logits.astype(np.float64)
+    probabilities = np.exp(logits - logits.max(1, keepdims=True))
+    probabilities /= probabilities.sum(1, keepdims=True)
+    scores = []
+    for start in range(0, len(probabilities), split_size):
+        part = probabilities[start:start + split_size]
+        kl = part * (np.log(part) - np.log(part.mean(0, keepdims=True)))
+        scores.append(np.exp(kl.sum(1).mean()))
+    return float(np.mean(scores))
+
+
+def adm_precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = 3) -> tuple[float, float]:
+    def squared_distances(u, v):
+        return ((u[:, None, :] - v[None, :, :]) ** 2).sum(-1)
+
+    reference, samples = reference.astype(np.float64), samples.astype(np.float64)
+    reference_radii = np.partition(squared_distances(reference, reference), k, axis=1)[:, k]
+    sample_radii = np.partition(squared_distances(samples, samples), k, axis=1)[:, k]
+    between = squared_distances(reference, samples)  # [reference, sample]
+    precision = (between <= reference_radii[:, None]).any(axis=0).mean()
+    recall = (between <= sample_radii[None, :]).any(axis=1).mean()
+    return float(precision), float(recall)
+
+
+def test_inception_score_is_adms_split_formula_and_independent_of_batches():
+    logits = np.random.default_rng(3).normal(size=(23, 1008)).astype(np.float32) * 4
+    for split_size in (5, 23, 5000):
+        mean, std = inception_score(torch.from_numpy(logits), split_size=split_size)
+        assert mean == pytest.approx(adm_inception_score(logits, split_size), rel=1e-12)
+        assert (std == 0.0) == (split_size >= 23)
+    # Splits are consecutive, not shuffled: reordering the samples changes the score of splits of 5.
+    reordered = logits[np.random.default_rng(4).permutation(23)]
+    assert inception_score(reordered, split_size=5)[0] != pytest.approx(inception_score(logits, split_size=5)[0],
+                                                                        rel=1e-9)
+    assert inception_score(reordered, split_size=23)[0] == pytest.approx(inception_score(logits, split_size=23)[0],
+                                                                         rel=1e-12)
+    # A probability that underflows to exactly 0 contributes 0 (ADM's formula gives 0 * log 0 = nan there).
+    certain = np.full((4, 1008), -1e4, np.float32)
+    certain[np.arange(4), [0, 1, 2, 3]] = 0.0
+    assert inception_score(certain, split_size=4)[0] == pytest.approx(4.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("block_size", [1, 7, 10000])
+def test_precision_recall_are_adms_manifolds_for_any_block_size(block_size):
+    rng = np.random.default_rng(5)
+    reference = rng.normal(size=(40, 16)).astype(np.float32)
+    samples = (rng.normal(size=(31, 16)) * 1.3 + 0.4).astype(np.float32)
+    expected = adm_precision_recall(reference, samples, k=3)
+    assert 0.0 < expected[0] < 1.0 and 0.0 < expected[1] < 1.0  # both sides partly outside: a real test
+    got = manifold_precision_recall(torch.from_numpy(samples), torch.from_numpy(reference), neighbourhood=3,
+                                    block_size=block_size)
+    assert got == expected
+    assert manifold_precision_recall(samples, reference, neighbourhood=1) == adm_precision_recall(reference, samples,
+                                                                                                  k=1)
+    with pytest.raises(ValueError, match="prc_neighborhood=3 needs more than 3 points; samples has 3"):
+        manifold_precision_recall(samples[:3], reference)
+
+
+def test_kid_prc_agree_with_torch_fidelity_and_isc_with_adm(tmp_path, inception_weights, monkeypatch):
+    # Same canned features on both routes (no Inception pass): KID is torch-fidelity's own function; precision and
+    # recall (ADM's manifolds, in float64) give what torch-fidelity's float32 PRC gives on these sets; IS follows
+    # ADM's consecutive splits (torch-fidelity shuffles), checked against the direct formula.
     import torch_fidelity
     import torch_fidelity.metrics
     import torch_fidelity.utils
@@ -282,20 +350,65 @@ def test_is_kid_prc_plumbing_equals_torch_fidelity_calculate_metrics(tmp_path, i
                         lambda input_id, extractor, **kwargs: canned[input_id])
     monkeypatch.setattr(torch_fidelity.utils, "get_featuresdict_from_dataset",
                         lambda dataset, *args, **kwargs: canned[1 if dataset.images is samples else 2])
-    options = {"kid_subset_size": 5, "kid_subsets": 7, "isc_splits": 3, "prc_neighborhood": 2}
+    options = {"kid_subset_size": 5, "kid_subsets": 7, "prc_neighborhood": 2}
     ours = compute_generation_metrics(samples, reference=reference, inception_weights=inception_weights,
-                                      metrics=("isc", "kid", "prc"), **options)
+                                      metrics=("isc", "kid", "prc"), isc_split_size=4, **options)
     theirs = torch_fidelity.calculate_metrics(
         input1=metrics_module.UInt8ImageDataset(samples), input2=metrics_module.UInt8ImageDataset(reference),
-        cuda=False, isc=True, kid=True, prc=True, feature_extractor="inception-v3-compat",
+        cuda=False, isc=False, kid=True, prc=True, feature_extractor="inception-v3-compat",
         feature_extractor_weights_path=inception_weights, cache=False, verbose=False, **options,
     )
-    assert ours == {
-        "isc": theirs["inception_score_mean"], "isc_std": theirs["inception_score_std"],
+    assert {key: ours[key] for key in ("kid", "kid_std", "recall", "f_score")} == {
         "kid": theirs["kernel_inception_distance_mean"], "kid_std": theirs["kernel_inception_distance_std"],
-        "precision": theirs["precision"], "recall": theirs["recall"], "f_score": theirs["f_score"],
+        "recall": theirs["recall"], "f_score": theirs["f_score"],
     }
+    assert ours["precision"] == theirs["precision"]
     assert 0.0 < ours["precision"] < 1.0 or 0.0 < ours["recall"] < 1.0  # the canned sets overlap partly
+    assert ours["isc"] == pytest.approx(adm_inception_score(canned[1]["logits_unbiased"].numpy(), 4), rel=1e-12)
+
+
+def test_sfid_features_are_adms_mixed_6_conv_in_tensorflow_order(image_sets, inception_weights):
+    from torch_fidelity.utils import create_feature_extractor
+
+    images = image_sets["bright_noise"]
+    features = extract_inception_features(images, inception_weights=inception_weights,
+                                          feature_layers=(SFID_FEATURE_LAYER, "2048"), batch_size=3)
+    assert features[SFID_FEATURE_LAYER].shape == (4, SFID_FEATURE_DIM) == (4, 17 * 17 * 7)
+    assert features["2048"].shape == (4, INCEPTION_FEATURE_DIM)
+    # The layer by hand: the 1x1 branch of Mixed_6d after its ReLU, channels 0..6, [17, 17, 7] flattened.
+    network = create_feature_extractor("inception-v3-compat", ["2048"], cuda=False,
+                                       feature_extractor_weights_path=inception_weights)
+    captured = []
+    handle = network.Mixed_6d.branch1x1.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    with torch.no_grad():
+        network(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
+    handle.remove()
+    by_hand = captured[0][:, :7].permute(0, 2, 3, 1).reshape(4, -1)
+    assert (by_hand >= 0).all()  # after the ReLU
+    torch.testing.assert_close(features[SFID_FEATURE_LAYER], by_hand, rtol=1e-5, atol=1e-5)
+    assert extract_inception_features(images, inception_weights=inception_weights,
+                                      feature_layers=(SFID_FEATURE_LAYER,))[SFID_FEATURE_LAYER].shape == (4, 2023)
+
+
+def test_sfid_from_adm_statistics_equals_sfid_from_images(tmp_path, metrics_bright_vs_dark, image_sets,
+                                                          inception_weights):
+    features = extract_inception_features(image_sets["dark_noise"], inception_weights=inception_weights,
+                                          feature_layers=("2048", SFID_FEATURE_LAYER))
+    mu, sigma = feature_statistics(features["2048"])
+    mu_s, sigma_s = feature_statistics(features[SFID_FEATURE_LAYER])
+    adm_reference = save_reference_statistics(tmp_path / "adm.npz", mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    assert inspect_reference_npz(adm_reference).spatial_statistics_dim == SFID_FEATURE_DIM
+    result = compute_generation_metrics(image_sets["bright_noise"], reference=adm_reference,
+                                        inception_weights=inception_weights, metrics=("fid", "sfid"), **SMALL)
+    assert result["sfid"] == pytest.approx(metrics_bright_vs_dark["sfid"], rel=1e-5)
+    assert result["fid"] == pytest.approx(metrics_bright_vs_dark["fid"], rel=1e-5)
+    pool_only = save_reference_statistics(tmp_path / "pool.npz", mu=mu, sigma=sigma)
+    with pytest.raises(ValueError, match=r"sfid needs the reference's spatial statistics \(mu_s, sigma_s\)"):
+        compute_generation_metrics(image_sets["bright_noise"], reference=pool_only,
+                                   inception_weights=inception_weights, metrics=("fid", "sfid"), **SMALL)
+    with pytest.raises(ValueError, match=r"sFID from 4 images.*allow_small_sample=True"):
+        compute_generation_metrics(image_sets["bright_noise"], reference=adm_reference,
+                                   inception_weights=inception_weights, metrics=("sfid",))
 
 
 def test_fid_of_a_set_with_itself_is_zero_and_reference_images_win(tmp_path, image_sets, inception_weights):
@@ -351,8 +464,8 @@ def test_wrong_reference_resolution_names_both_shapes(tmp_path, image_sets, ince
     [
         ({"metrics": ("kid",), "kid_subset_size": 5}, r"kid_subset_size=5 > 4 images"),
         ({"metrics": ("prc",), "prc_neighborhood": 4}, r"prc_neighborhood=4 needs more than 4 images"),
-        ({"metrics": ("isc",), "isc_splits": 10}, r"isc_splits=10 > 4 samples"),
-        ({"metrics": ("fid", "sfid")}, r"choose one or more of"),
+        ({"metrics": ("isc",), "isc_split_size": 0}, r"isc_split_size must be a positive integer"),
+        ({"metrics": ("fid", "lpips")}, r"choose one or more of"),
         ({"metrics": ("isc",), "batch_size": 0}, r"batch_size must be a positive integer"),
     ],
 )

@@ -131,12 +131,13 @@ class Demo:
     def reference(self) -> Path:
         """Held-out real test images in ADM format: the reference set of `fid_demo`."""
         from bar_lightning.eval.demo_classifier import load_fashion_mnist
+        from bar_lightning.eval.evaluate import to_uint8_images
         from bar_lightning.eval.metrics import save_adm_npz
 
         path = self.out / "reference_test.npz"
         if not path.is_file():
             images, _ = load_fashion_mnist(str(self.fashion_mnist_root), split="test", size=32)
-            save_adm_npz(path, torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).byte().numpy())
+            save_adm_npz(path, to_uint8_images(images))  # the samples' conversion
         return path
 
     def evaluate(self, samples_per_class: int = 100) -> dict[str, Any]:
@@ -231,8 +232,10 @@ class Demo:
 
 
 def quantize(images: torch.Tensor) -> torch.Tensor:
-    """Round [-1, 1] images to the uint8 grid (what a saved sample holds) and back."""
-    return torch.round((images.clamp(-1, 1) + 1) * 127.5) / 127.5 - 1
+    """[-1, 1] images to what a saved sample holds (evaluate.to_uint8_images) and back to [-1, 1]."""
+    from bar_lightning.eval.evaluate import to_uint8_images, uint8_to_model_input
+
+    return uint8_to_model_input(to_uint8_images(images))
 
 
 def main(argv: list[str] | None = None) -> None:

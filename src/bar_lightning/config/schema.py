@@ -289,6 +289,8 @@ class TokenizerOptimConfig:
     warmup_steps: int = 10_000
     total_steps: int = 200_000
     end_lr: float = 1e-5
+    # Fused AdamW kernels (one launch per parameter group). None: on for CUDA (not under 16-mixed).
+    fused: bool | None = None
 
 
 @dataclass
@@ -299,6 +301,9 @@ class TokenizerTrainingConfig:
     ema_decay: float = 0.999
     gradient_clip_val: float = 1.0
     encoder_init_weights: str | None = None
+    # torch.compile the tokenizer's and the losses' forward (the official recipe's compile_model: true); ignored on
+    # CPU and under FSDP. Off until measured (docs/benchmarks.md, "Tokenizer training").
+    compile: bool = False
 
 
 @dataclass
@@ -623,7 +628,7 @@ class SaveConfig:
 
 @dataclass
 class MetricsConfig:
-    names: list[str] = field(default_factory=lambda: ["fid", "isc", "kid", "prc"])
+    names: list[str] = field(default_factory=lambda: ["fid", "sfid", "isc", "kid", "prc"])
     # "inception" (torch-fidelity, FID Inception weights from a local file) or "demo_classifier" (Fashion-MNIST demo)
     feature_network: str = "inception"
     reference: str | None = None

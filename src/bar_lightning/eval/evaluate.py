@@ -36,9 +36,11 @@ log = logging.getLogger(__name__)
 
 
 def to_uint8_images(images: torch.Tensor) -> np.ndarray:
-    """`[B, 3, H, W]` in [-1, 1] -> `[B, H, W, 3]` uint8, clamped then truncated as the official sampler does."""
-    scaled = torch.clamp(127.5 * images + 128.0, 0, 255)
-    return scaled.permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
+    """`[B, 3, H, W]` in [-1, 1] -> `[B, H, W, 3]` uint8 exactly as the official sampler writes its PNGs:
+    `(x + 1) / 2`, clamped to [0, 1], times 255, truncated (not rounded: a rounding conversion would make about half
+    the pixel values one level brighter than the official samples and shift FID and IS)."""
+    unit = torch.clamp((images + 1.0) / 2.0, 0.0, 1.0)
+    return (unit * 255.0).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
 
 
 def shard_indices(num_samples: int, rank: int, world_size: int) -> list[int]:
@@ -258,9 +260,12 @@ def _evaluate(cfg: DictConfig, *, rank: int, world_size: int, output: Path) -> d
 INCEPTION_FEATURE_DIM = 2048
 
 
-KNOWN_METRICS = ("fid", "isc", "kid", "prc", "class_accuracy", "fid_demo")
+SFID_FEATURE_DIM = 2023  # 17 x 17 x 7 spatial features of mixed_6/conv (eval/metrics.py)
+
+
+KNOWN_METRICS = ("fid", "sfid", "isc", "kid", "prc", "class_accuracy", "fid_demo")
 # Metrics that compare the samples with metrics.reference (IS and class_accuracy need the samples alone).
-METRICS_NEEDING_REFERENCE = ("fid", "kid", "prc", "fid_demo")
+METRICS_NEEDING_REFERENCE = ("fid", "sfid", "kid", "prc", "fid_demo")
 REFERENCE_HINT = (
     "an ADM reference batch: for ImageNet 256 px `wget https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
     "ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz` (docs/evaluation.md); for your own data, real images "
@@ -314,12 +319,13 @@ def check_metric_request(metrics: DictConfig, names: list[str], *, num_samples: 
     except FileNotFoundError as error:
         raise FileNotFoundError(f"{error} ({INCEPTION_HINT}); metrics.names=[] saves the samples without scoring "
                                 "them") from None
-    if "fid" in names and num_samples <= INCEPTION_FEATURE_DIM and not metrics.allow_small_sample:
-        raise ConfigError(
-            f"FID from {num_samples} samples: the {INCEPTION_FEATURE_DIM}-d feature covariance is rank-deficient below "
-            f"{INCEPTION_FEATURE_DIM + 1} samples (the standard protocol uses 50,000). Sample more, or set "
-            "metrics.allow_small_sample=true to compute it anyway"
-        )
+    for name, label, dimension in (("fid", "FID", INCEPTION_FEATURE_DIM), ("sfid", "sFID", SFID_FEATURE_DIM)):
+        if name in names and num_samples <= dimension and not metrics.allow_small_sample:
+            raise ConfigError(
+                f"{label} from {num_samples} samples: the {dimension}-d feature covariance is rank-deficient below "
+                f"{dimension + 1} samples (the standard protocol uses 50,000). Sample more, or set "
+                "metrics.allow_small_sample=true to compute it anyway"
+            )
     if "kid" in names and metrics.kid_subset_size > num_samples:
         raise ConfigError(f"metrics.kid_subset_size={metrics.kid_subset_size} > {num_samples} samples; lower it")
 

@@ -34,8 +34,18 @@ Reference handling (see :func:`compute_generation_metrics`):
   ``ValueError`` before any feature is computed (chosen over silently skipping them, so that a sweep's
   ``metrics.json`` never lacks a metric that was asked for).
 
-Precision/recall use the Inception pool features (2048-d) with k = ``prc_neighborhood`` nearest neighbours, as
-ADM's evaluator does (torch-fidelity's own default for PRC would be VGG-16, whose weights are another download).
+The metrics of the official README follow ADM's evaluator (``guided-diffusion/evaluations/evaluator.py``):
+
+* sFID is the Fréchet distance of the spatial features of ``mixed_6/conv`` (first 7 channels, 2023-d); an ADM
+  reference batch carries their statistics as ``mu_s`` / ``sigma_s``;
+* the Inception Score is the mean of ``exp(KL)`` over consecutive splits of 5000 samples (no shuffling), from the
+  softmax of the unbiased logits (``isc_std``: their standard deviation);
+* precision and recall use ADM's k = 3 manifold estimate on the 2048-d pool features: a point lies on a set's
+  manifold when its squared distance to some member is at most that member's squared distance to its k-th nearest
+  neighbour (itself excluded). Distances are computed in float64 in blocks on ``device``.
+
+KID is torch-fidelity's. Every metric depends on the images and their order only, not on the batch size of the
+feature extraction.
 """
 
 from __future__ import annotations
@@ -61,18 +71,22 @@ FID_FEATURE_LAYER = "2048"
 ISC_FEATURE_LAYER = "logits_unbiased"
 INCEPTION_WEIGHTS_HINT = "FID Inception weights (weights-inception-2015-12-05-6726825d.pth)"
 
-SUPPORTED_METRICS = ("fid", "isc", "kid", "prc")
+# sFID's spatial features, as ADM's evaluator takes them: the TensorFlow graph's `mixed_6/conv` (the 1x1 branch of
+# the fourth 17x17 block, torch-fidelity's Mixed_6d.branch1x1 after its ReLU), its first 7 channels, flattened in
+# TensorFlow's [17, 17, 7] (height, width, channel) order so that ADM's `mu_s` / `sigma_s` apply as they are.
+SFID_FEATURE_LAYER = "mixed_6/conv"
+SFID_CHANNELS = 7
+SFID_FEATURE_DIM = 17 * 17 * SFID_CHANNELS
+# ADM's Inception Score: softmax of the unbiased logits, scored in consecutive splits of 5000 samples.
+ISC_SPLIT_SIZE = 5000
+
+SUPPORTED_METRICS = ("fid", "sfid", "isc", "kid", "prc")
 # The metrics that compare samples with a reference batch (IS needs the samples alone).
-REFERENCE_METRICS = ("fid", "kid", "prc")
+REFERENCE_METRICS = ("fid", "sfid", "kid", "prc")
 # torch-fidelity's result keys -> the flat names written to metrics.json.
 _RESULT_KEYS = {
-    "inception_score_mean": "isc",
-    "inception_score_std": "isc_std",
     "kernel_inception_distance_mean": "kid",
     "kernel_inception_distance_std": "kid_std",
-    "precision": "precision",
-    "recall": "recall",
-    "f_score": "f_score",
 }
 
 ImagesLike = np.ndarray | torch.Tensor
@@ -127,7 +141,7 @@ def _check_images_uint8(images: Any, *, name: str) -> np.ndarray:
     if images.dtype != np.uint8:
         raise ValueError(
             f"{name} has dtype {images.dtype}, expected uint8 [N, H, W, 3] in 0..255; convert images in [-1, 1] "
-            "with clip(127.5 * x + 128, 0, 255).astype(uint8)"
+            "as the official sampler does: (255 * clip((x + 1) / 2, 0, 1)).astype(uint8)"
         )
     if images.ndim != 4:
         raise ValueError(f"{name} has shape {images.shape}, expected 4-D [N, H, W, 3]")
@@ -169,29 +183,44 @@ def load_adm_npz(path: PathLike) -> np.ndarray:
     return _check_images_uint8(images, name=f"{npz_path}:arr_0")
 
 
-def load_reference_statistics(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """``(mu [D], sigma [D, D])`` in float64 from an ADM reference ``.npz`` holding ``mu`` and ``sigma``."""
+def load_reference_statistics(path: PathLike, *, spatial: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu [D], sigma [D, D])`` in float64 from an ADM reference ``.npz``: its pool statistics ``mu`` / ``sigma``,
+    or with ``spatial=True`` its sFID statistics ``mu_s`` / ``sigma_s``."""
     npz_path = Path(path)
+    keys = ("mu_s", "sigma_s") if spatial else ("mu", "sigma")
     if not npz_path.is_file():
-        raise FileNotFoundError(f"{npz_path} does not exist (expected an ADM reference .npz with mu and sigma)")
+        raise FileNotFoundError(f"{npz_path} does not exist (expected an ADM reference .npz with {' and '.join(keys)})")
     with np.load(npz_path, allow_pickle=False) as npz:
-        missing = [key for key in ("mu", "sigma") if key not in npz.files]
+        missing = [key for key in keys if key not in npz.files]
         if missing:
+            what = "sFID statistics" if spatial else "FID statistics"
             raise ValueError(
-                f"{npz_path} has no FID statistics {missing} (it holds {sorted(npz.files)}); use a reference "
-                "batch with mu/sigma such as VIRTUAL_imagenet256_labeled.npz, or pass reference images"
+                f"{npz_path} has no {what} {missing} (it holds {sorted(npz.files)}); use a reference batch with "
+                f"{'/'.join(keys)} such as VIRTUAL_imagenet256_labeled.npz, or pass reference images"
             )
-        mu, sigma = npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
-    _check_statistics(mu, sigma, name=str(npz_path))
+        mu, sigma = npz[keys[0]].astype(np.float64), npz[keys[1]].astype(np.float64)
+    _check_statistics(mu, sigma, name=f"{npz_path} ({'/'.join(keys)})")
     return mu, sigma
 
 
-def save_reference_statistics(path: PathLike, *, mu: np.ndarray, sigma: np.ndarray) -> Path:
-    """Save FID statistics as an ADM-style reference ``.npz`` (``mu``, ``sigma``), atomically."""
-    mu, sigma = np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
-    _check_statistics(mu, sigma, name="statistics")
+def save_reference_statistics(
+    path: PathLike,
+    *,
+    mu: np.ndarray,
+    sigma: np.ndarray,
+    mu_s: np.ndarray | None = None,
+    sigma_s: np.ndarray | None = None,
+) -> Path:
+    """Save FID statistics (and sFID's ``mu_s`` / ``sigma_s``) as an ADM-style reference ``.npz``, atomically."""
+    arrays = {"mu": np.asarray(mu, dtype=np.float64), "sigma": np.asarray(sigma, dtype=np.float64)}
+    _check_statistics(arrays["mu"], arrays["sigma"], name="statistics")
+    if (mu_s is None) != (sigma_s is None):
+        raise ValueError("give both mu_s and sigma_s (sFID statistics), or neither")
+    if mu_s is not None:
+        arrays["mu_s"], arrays["sigma_s"] = np.asarray(mu_s, dtype=np.float64), np.asarray(sigma_s, dtype=np.float64)
+        _check_statistics(arrays["mu_s"], arrays["sigma_s"], name="spatial statistics")
     npz_path = Path(path)
-    atomic_write(npz_path, lambda file: np.savez(file, mu=mu, sigma=sigma))
+    atomic_write(npz_path, lambda file: np.savez(file, **arrays))
     return npz_path
 
 
@@ -209,6 +238,7 @@ class ReferenceContents:
     path: Path
     image_shape: tuple[int, ...] | None  # shape of arr_0, or None
     statistics_dim: int | None  # D of mu [D] / sigma [D, D], or None
+    spatial_statistics_dim: int | None = None  # D of mu_s [D] / sigma_s [D, D] (sFID), or None
 
 
 def inspect_reference_npz(path: PathLike) -> ReferenceContents:
@@ -223,13 +253,18 @@ def inspect_reference_npz(path: PathLike) -> ReferenceContents:
         shapes = _npz_array_shapes(npz_path)
     except (zipfile.BadZipFile, ValueError) as error:
         raise ValueError(f"reference {npz_path} is not a readable .npz file: {error}") from error
-    statistics_dim = None
-    if "mu" in shapes and "sigma" in shapes:
-        mu_shape, sigma_shape = shapes["mu"], shapes["sigma"]
-        if len(mu_shape) != 1 or sigma_shape != (mu_shape[0], mu_shape[0]):
-            raise ValueError(f"reference {npz_path}: mu {mu_shape} / sigma {sigma_shape} are not [D] / [D, D]")
-        statistics_dim = mu_shape[0]
-    contents = ReferenceContents(path=npz_path, image_shape=shapes.get("arr_0"), statistics_dim=statistics_dim)
+    dims: dict[str, int | None] = {}
+    for mu_key, sigma_key in (("mu", "sigma"), ("mu_s", "sigma_s")):
+        dims[mu_key] = None
+        if mu_key in shapes and sigma_key in shapes:
+            mu_shape, sigma_shape = shapes[mu_key], shapes[sigma_key]
+            if len(mu_shape) != 1 or sigma_shape != (mu_shape[0], mu_shape[0]):
+                raise ValueError(
+                    f"reference {npz_path}: {mu_key} {mu_shape} / {sigma_key} {sigma_shape} are not [D] / [D, D]"
+                )
+            dims[mu_key] = mu_shape[0]
+    contents = ReferenceContents(path=npz_path, image_shape=shapes.get("arr_0"), statistics_dim=dims["mu"],
+                                 spatial_statistics_dim=dims["mu_s"])
     if contents.image_shape is None and contents.statistics_dim is None:
         raise ValueError(
             f"reference {npz_path} holds neither images (arr_0) nor statistics (mu, sigma): it has "
@@ -436,8 +471,9 @@ def extract_inception_features(
 ) -> dict[str, torch.Tensor]:
     """torch-fidelity's Inception features ``{layer: float32 [N, dim]}`` of ``images_uint8 [N, H, W, 3]``.
 
-    Layers: ``"2048"`` (pool features: FID, KID, PRC), ``"logits_unbiased"`` (IS), ``"64"``, ``"192"``,
-    ``"768"``, ``"logits"``. Images are resized to 299x299 inside the network (TensorFlow-1 compatible bilinear).
+    Layers: ``"2048"`` (pool features: FID, KID, PRC), ``"mixed_6/conv"`` (sFID's 2023-d spatial features),
+    ``"logits_unbiased"`` (IS), ``"64"``, ``"192"``, ``"768"``, ``"logits"``. Images are resized to 299x299 inside
+    the network (TensorFlow-1 compatible bilinear).
     """
     images = _check_images_uint8(images_uint8, name="images_uint8")
     if images.shape[0] == 0:
@@ -460,14 +496,109 @@ def _extract_features_vetted(
     verbose: bool,
 ) -> dict[str, torch.Tensor]:
     """:func:`extract_inception_features` for checked images and an already vetted weights file."""
+    spatial = SFID_FEATURE_LAYER in feature_layers
+    network_layers = [layer for layer in feature_layers if layer != SFID_FEATURE_LAYER] or [FID_FEATURE_LAYER]
+    with _on_device(device) as cuda:
+        extractor = _create_inception_extractor(weights_path, network_layers, cuda=cuda, verbose=verbose)
+        features = _features_of(images, extractor, spatial=spatial, batch_size=batch_size, cuda=cuda, verbose=verbose)
+    return {layer: features[layer] for layer in feature_layers}
+
+
+def _features_of(
+    images: np.ndarray, extractor: Any, *, spatial: bool, batch_size: int, cuda: bool, verbose: bool
+) -> dict[str, torch.Tensor]:
+    """The extractor's layers through torch-fidelity's own loop (as in calculate_metrics; save_cpu_ram: no
+    DataLoader worker processes for an in-memory array), plus sFID's spatial features when ``spatial``."""
     from torch_fidelity.utils import get_featuresdict_from_dataset
 
-    with _on_device(device) as cuda:
-        extractor = _create_inception_extractor(weights_path, feature_layers, cuda=cuda, verbose=verbose)
-        # torch-fidelity's own loop (as in calculate_metrics); save_cpu_ram: no DataLoader worker processes.
-        return get_featuresdict_from_dataset(
+    recorded: list[torch.Tensor] = []
+
+    def record_spatial(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        # [B, 192, 17, 17] -> [B, 17 * 17 * 7], flattened in TensorFlow's (height, width, channel) order
+        first_channels = output[:, :SFID_CHANNELS].permute(0, 2, 3, 1)
+        recorded.append(first_channels.reshape(output.shape[0], -1).to("cpu", torch.float32))
+
+    handle = extractor.Mixed_6d.branch1x1.register_forward_hook(record_spatial) if spatial else None
+    try:
+        features = get_featuresdict_from_dataset(
             UInt8ImageDataset(images), extractor, batch_size, cuda, save_cpu_ram=True, verbose=verbose
         )
+    finally:
+        if handle is not None:
+            handle.remove()
+    if spatial:
+        features[SFID_FEATURE_LAYER] = torch.cat(recorded)
+    return features
+
+
+def inception_score(logits: torch.Tensor | np.ndarray, *, split_size: int = ISC_SPLIT_SIZE) -> tuple[float, float]:
+    """ADM's Inception Score of ``logits [N, 1008]`` (the unbiased logits): ``(mean, std)`` of ``exp(KL(p(y|x) ||
+    p(y)))`` over consecutive splits of ``split_size`` samples (the last one may be shorter), in float64."""
+    _check_positive_int(split_size, name="isc_split_size")
+    probabilities = torch.softmax(torch.as_tensor(logits).to("cpu", torch.float64), dim=1)
+    scores = []
+    for part in probabilities.split(split_size):
+        marginal = part.mean(dim=0, keepdim=True)
+        # xlogy: a probability of exactly 0 contributes 0 (p log p -> 0), not 0 * -inf
+        divergence = (torch.special.xlogy(part, part) - torch.special.xlogy(part, marginal)).sum(dim=1).mean()
+        scores.append(float(torch.exp(divergence)))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def _squared_distances(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``[n, m]`` squared Euclidean distances (ADM's expansion ``|u|^2 - 2 u.v + |v|^2``, clamped at 0)."""
+    return (rows.square().sum(1)[:, None] - 2.0 * rows @ columns.T + columns.square().sum(1)[None, :]).clamp_min_(0.0)
+
+
+def _manifold_radii(features: torch.Tensor, neighbourhood: int, block_size: int) -> torch.Tensor:
+    """Squared distance of each row to its ``neighbourhood``-th nearest other row (the 0th is itself)."""
+    radii = []
+    for rows in features.split(block_size):
+        distances = torch.cat([_squared_distances(rows, columns) for columns in features.split(block_size)], dim=1)
+        radii.append(distances.kthvalue(neighbourhood + 1, dim=1).values)
+    return torch.cat(radii)
+
+
+def _fraction_on_manifold(points: torch.Tensor, members: torch.Tensor, radii: torch.Tensor, block_size: int) -> float:
+    """The fraction of ``points`` within the squared radius of at least one of ``members``."""
+    inside = []
+    for rows in points.split(block_size):
+        hit = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
+        for columns, column_radii in zip(members.split(block_size), radii.split(block_size), strict=True):
+            hit |= (_squared_distances(rows, columns) <= column_radii[None, :]).any(dim=1)
+        inside.append(hit)
+    return float(torch.cat(inside).double().mean())
+
+
+def manifold_precision_recall(
+    sample_features: torch.Tensor | np.ndarray,
+    reference_features: torch.Tensor | np.ndarray,
+    *,
+    neighbourhood: int = 3,
+    block_size: int = 10000,
+    device: str | torch.device = "cpu",
+) -> tuple[float, float]:
+    """ADM's precision and recall (Kynkäänniemi et al.'s k-NN manifolds) of ``[N, D]`` / ``[M, D]`` features.
+
+    Precision: the fraction of samples inside the reference manifold; recall: the fraction of reference points
+    inside the sample manifold. Computed in float64 on ``device`` in ``block_size`` blocks (the distance matrix
+    of 50,000 x 50,000 points is never held whole).
+    """
+    _check_positive_int(neighbourhood, name="prc_neighborhood")
+    _check_positive_int(block_size, name="block_size")
+    samples = torch.as_tensor(sample_features).to(device, torch.float64)
+    reference = torch.as_tensor(reference_features).to(device, torch.float64)
+    if samples.ndim != 2 or reference.ndim != 2 or samples.shape[1] != reference.shape[1]:
+        raise ValueError(f"features must be [N, D] and [M, D] with one D, got {tuple(samples.shape)} and "
+                         f"{tuple(reference.shape)}")
+    for name, count in (("samples", samples.shape[0]), ("reference", reference.shape[0])):
+        if count <= neighbourhood:
+            raise ValueError(f"prc_neighborhood={neighbourhood} needs more than {neighbourhood} points; {name} has "
+                             f"{count}")
+    precision = _fraction_on_manifold(samples, reference, _manifold_radii(reference, neighbourhood, block_size),
+                                      block_size)
+    recall = _fraction_on_manifold(reference, samples, _manifold_radii(samples, neighbourhood, block_size), block_size)
+    return precision, recall
 
 
 def _check_positive_int(value: Any, *, name: str) -> None:
@@ -490,6 +621,8 @@ class _Reference:
     mu: np.ndarray | None = None
     sigma: np.ndarray | None = None
     image_shape: tuple[int, ...] | None = None
+    mu_s: np.ndarray | None = None  # sFID statistics, from an ADM reference batch
+    sigma_s: np.ndarray | None = None
 
 
 def _resolve_reference(reference: Any) -> _Reference:
@@ -500,7 +633,9 @@ def _resolve_reference(reference: Any) -> _Reference:
         if contents.image_shape is not None:
             return _Reference(description=str(contents.path), image_shape=contents.image_shape)  # loaded later
         mu, sigma = load_reference_statistics(contents.path)
-        return _Reference(description=str(contents.path), mu=mu, sigma=sigma)
+        mu_s, sigma_s = (load_reference_statistics(contents.path, spatial=True)
+                         if contents.spatial_statistics_dim is not None else (None, None))
+        return _Reference(description=str(contents.path), mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
     if isinstance(reference, tuple) and len(reference) == 2:
         mu, sigma = (np.asarray(part, dtype=np.float64) for part in reference)
         _check_statistics(mu, sigma, name="reference (mu, sigma)")
@@ -521,7 +656,6 @@ def _validate_request(
     reference: _Reference,
     kid_subset_size: int,
     prc_neighborhood: int,
-    isc_splits: int,
     allow_small_sample: bool,
 ) -> None:
     """Every check that needs no features: runs before the (slow) Inception network."""
@@ -545,6 +679,17 @@ def _validate_request(
                 f"{reference.description}: statistics have dimension {reference.mu.shape[0]}, FID uses the "
                 f"{INCEPTION_FEATURE_DIM}-d Inception pool features; use statistics computed from those"
             )
+        if "sfid" in metric_names and reference.mu_s is None:
+            raise ValueError(
+                f"sfid needs the reference's spatial statistics (mu_s, sigma_s) but {reference.description} holds "
+                "only mu/sigma; use an ADM reference batch (VIRTUAL_imagenet256_labeled.npz carries them), a "
+                "reference with images, or leave sfid out of the metrics"
+            )
+        if "sfid" in metric_names and reference.mu_s.shape[0] != SFID_FEATURE_DIM:
+            raise ValueError(
+                f"{reference.description}: mu_s has dimension {reference.mu_s.shape[0]}, sFID uses the "
+                f"{SFID_FEATURE_DIM}-d spatial features (mixed_6/conv, first {SFID_CHANNELS} channels of 17x17)"
+            )
     else:
         reference_shape = tuple(reference.image_shape)
         if len(reference_shape) != 4 or reference_shape[-1] != 3:
@@ -562,13 +707,14 @@ def _validate_request(
     if has_reference_images:
         sets.append((reference.description, reference_shape[0]))
     for set_name, count in sets:
-        if "fid" in metric_names and count <= INCEPTION_FEATURE_DIM and not allow_small_sample:
-            raise ValueError(
-                f"FID from {count} images ({set_name}): the {INCEPTION_FEATURE_DIM}-d feature covariance is "
-                f"rank-deficient below {INCEPTION_FEATURE_DIM + 1} images, so FID is strongly biased (the standard "
-                "protocol uses 50,000 samples and a 10,000-image reference). Use more images, or pass "
-                "allow_small_sample=True to compute it anyway"
-            )
+        for name, dimension in (("fid", INCEPTION_FEATURE_DIM), ("sfid", SFID_FEATURE_DIM)):
+            if name in metric_names and count <= dimension and not allow_small_sample:
+                raise ValueError(
+                    f"{name.upper().replace('SFID', 'sFID')} from {count} images ({set_name}): the {dimension}-d "
+                    f"feature covariance is rank-deficient below {dimension + 1} images, so the distance is strongly "
+                    "biased (the standard protocol uses 50,000 samples and a 10,000-image reference). Use more "
+                    "images, or pass allow_small_sample=True to compute it anyway"
+                )
         if "fid" in metric_names and count < 2:
             raise ValueError(f"FID needs at least 2 images per set for a covariance; {set_name} has {count}")
         if "kid" in metric_names and kid_subset_size > count:
@@ -580,8 +726,6 @@ def _validate_request(
                 f"prc_neighborhood={prc_neighborhood} needs more than {prc_neighborhood} images per set; {set_name} "
                 f"has {count}. Use more images or a smaller prc_neighborhood"
             )
-    if "isc" in metric_names and isc_splits > num_samples:
-        raise ValueError(f"isc_splits={isc_splits} > {num_samples} samples; pass isc_splits <= {num_samples}")
 
 
 def compute_generation_metrics(
@@ -594,7 +738,7 @@ def compute_generation_metrics(
     device: str | torch.device = "cpu",
     kid_subset_size: int = 1000,
     kid_subsets: int = 100,
-    isc_splits: int = 10,
+    isc_split_size: int = ISC_SPLIT_SIZE,
     prc_neighborhood: int = 3,
     allow_small_sample: bool = False,
     seed: int = 2020,
@@ -608,20 +752,21 @@ def compute_generation_metrics(
             beside them) or with statistics only (``mu``, ``sigma``); a uint8 ``[M, H, W, 3]`` image array; or a
             ``(mu, sigma)`` tuple of 2048-d Inception pool statistics; None when only ``isc`` is requested.
         inception_weights: the local torch-fidelity Inception-v3 weights file (never downloaded).
-        metrics: any of ``"fid"``, ``"isc"`` (Inception Score), ``"kid"``, ``"prc"`` (precision/recall).
-            KID and PRC need reference images: with statistics only they raise a ``ValueError``.
+        metrics: any of ``"fid"``, ``"sfid"``, ``"isc"`` (Inception Score), ``"kid"``, ``"prc"``
+            (precision/recall). KID and PRC need reference images, sFID reference images or ``mu_s``/``sigma_s``:
+            otherwise they raise a ``ValueError``.
         batch_size: images per Inception forward pass.
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:<index>"``.
         kid_subset_size, kid_subsets: KID's subset size and count (torch-fidelity's defaults).
-        isc_splits: IS's number of splits (torch-fidelity's default 10).
+        isc_split_size: samples per Inception Score split (ADM: 5000, consecutive).
         prc_neighborhood: k of the k-NN manifold radius of precision/recall (3, as ADM).
-        allow_small_sample: compute FID even with <= 2048 images per set (rank-deficient covariance).
-        seed: seed of torch-fidelity's shuffles (IS splits, KID subsets).
+        allow_small_sample: compute FID / sFID even with fewer images per set than feature dimensions.
+        seed: seed of KID's subsets.
         verbose: torch-fidelity's progress output on stderr.
 
     Returns:
-        The requested subset of ``fid``, ``isc``, ``isc_std``, ``kid``, ``kid_std``, ``precision``, ``recall``,
-        ``f_score``.
+        The requested subset of ``fid``, ``sfid``, ``isc``, ``isc_std``, ``kid``, ``kid_std``, ``precision``,
+        ``recall``, ``f_score``.
 
     Raises ``FileNotFoundError`` / ``ValueError`` (missing or unsafe weights, too few images, unknown metric,
     resolution mismatch, KID/PRC without reference images) before any feature is computed.
@@ -631,7 +776,7 @@ def compute_generation_metrics(
     if unknown or not metric_names:
         raise ValueError(f"metrics={list(metrics)}: choose one or more of {list(SUPPORTED_METRICS)}")
     for name, value in (("batch_size", batch_size), ("kid_subset_size", kid_subset_size),
-                        ("kid_subsets", kid_subsets), ("isc_splits", isc_splits),
+                        ("kid_subsets", kid_subsets), ("isc_split_size", isc_split_size),
                         ("prc_neighborhood", prc_neighborhood)):
         _check_positive_int(value, name=name)
     weights_path = _load_inception_weights_checked(inception_weights)
@@ -639,35 +784,29 @@ def compute_generation_metrics(
     sample_images = _load_samples(samples)
     _validate_request(
         metric_names=metric_names, sample_shape=sample_images.shape, reference=resolved_reference,
-        kid_subset_size=kid_subset_size, prc_neighborhood=prc_neighborhood, isc_splits=isc_splits,
-        allow_small_sample=allow_small_sample,
+        kid_subset_size=kid_subset_size, prc_neighborhood=prc_neighborhood, allow_small_sample=allow_small_sample,
     )
     # One network, one pass per image set for every metric (what torch_fidelity.calculate_metrics does with a
     # single feature extractor), so that FID can come from frechet_distance for both kinds of reference.
-    needs_pool_features = any(name in metric_names for name in ("fid", "kid", "prc"))
+    compared = [name for name in metric_names if name in REFERENCE_METRICS]
+    spatial = "sfid" in metric_names
     reference_images = resolved_reference.images
-    if reference_images is None and resolved_reference.image_shape is not None and needs_pool_features:
+    if reference_images is None and resolved_reference.image_shape is not None and compared:
         reference_images = load_adm_npz(resolved_reference.description)
-    layers = ([FID_FEATURE_LAYER] if needs_pool_features else []) + ([ISC_FEATURE_LAYER] if "isc" in metric_names else [])
-    from torch_fidelity.utils import get_featuresdict_from_dataset
-
+    layers = [FID_FEATURE_LAYER] + ([ISC_FEATURE_LAYER] if "isc" in metric_names else [])
     with _on_device(torch.device(device)) as cuda:
         extractor = _create_inception_extractor(weights_path, layers, cuda=cuda, verbose=verbose)
-
-        def features_of(images: np.ndarray) -> dict[str, torch.Tensor]:
-            # torch-fidelity's own loop; save_cpu_ram: in-memory arrays need no DataLoader worker processes.
-            return get_featuresdict_from_dataset(
-                UInt8ImageDataset(images), extractor, batch_size, cuda, save_cpu_ram=True, verbose=verbose
-            )
-
-        sample_features = features_of(sample_images)
+        sample_features = _features_of(sample_images, extractor, spatial=spatial, batch_size=batch_size, cuda=cuda,
+                                       verbose=verbose)
         reference_features = (
-            features_of(reference_images) if reference_images is not None and needs_pool_features else None
+            _features_of(reference_images, extractor, spatial=spatial, batch_size=batch_size, cuda=cuda,
+                         verbose=verbose)
+            if reference_images is not None and compared else None
         )
     return _metrics_from_features(
         sample_features, reference_features, reference=resolved_reference, metric_names=metric_names,
-        kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, isc_splits=isc_splits,
-        prc_neighborhood=prc_neighborhood, seed=seed, verbose=verbose,
+        kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, isc_split_size=isc_split_size,
+        prc_neighborhood=prc_neighborhood, seed=seed, verbose=verbose, device=torch.device(device),
     )
 
 
@@ -679,41 +818,36 @@ def _metrics_from_features(
     metric_names: tuple[str, ...],
     kid_subset_size: int,
     kid_subsets: int,
-    isc_splits: int,
+    isc_split_size: int,
     prc_neighborhood: int,
     seed: int,
     verbose: bool,
+    device: torch.device,
 ) -> dict[str, float]:
-    """torch-fidelity's IS / KID / PRC functions (as calculate_metrics calls them) and FID from statistics."""
-    from torch_fidelity.metric_isc import isc_features_to_metric
+    """FID / sFID from statistics, ADM's IS and precision/recall, and torch-fidelity's KID."""
     from torch_fidelity.metric_kid import kid_features_to_metric
-    from torch_fidelity.metric_prc import prc_features_to_metric
 
     result: dict[str, float] = {}
-    fidelity_results: dict[str, Any] = {}
-    if "fid" in metric_names:
-        sample_pool = sample_features[FID_FEATURE_LAYER]
-        if reference_features is not None:
-            result["fid"] = _frechet_distance_of_features(sample_pool, reference_features[FID_FEATURE_LAYER])
-        else:
-            result["fid"] = _frechet_distance_of_features(sample_pool, (reference.mu, reference.sigma))
+    for name, layer, mu, sigma in (("fid", FID_FEATURE_LAYER, reference.mu, reference.sigma),
+                                   ("sfid", SFID_FEATURE_LAYER, reference.mu_s, reference.sigma_s)):
+        if name in metric_names:
+            other = reference_features[layer] if reference_features is not None else (mu, sigma)
+            result[name] = _frechet_distance_of_features(sample_features[layer], other)
     if "isc" in metric_names:
-        fidelity_results.update(
-            isc_features_to_metric(sample_features[ISC_FEATURE_LAYER], splits=isc_splits, shuffle=True, rng_seed=seed)
-        )
+        result["isc"], result["isc_std"] = inception_score(sample_features[ISC_FEATURE_LAYER], split_size=isc_split_size)
     if "kid" in metric_names:
-        fidelity_results.update(kid_features_to_metric(
+        kid = kid_features_to_metric(
             sample_features[FID_FEATURE_LAYER], reference_features[FID_FEATURE_LAYER],
             kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, rng_seed=seed, verbose=verbose,
-        ))
+        )
+        result.update({_RESULT_KEYS[key]: float(value) for key, value in kid.items() if key in _RESULT_KEYS})
     if "prc" in metric_names:
-        # Convention (torch-fidelity, ADM): precision = fraction of samples inside the reference manifold.
-        # save_cpu_ram: distances in blocks, never an N x N matrix (50,000 samples would need 10 GB).
-        fidelity_results.update(prc_features_to_metric(
+        precision, recall = manifold_precision_recall(
             sample_features[FID_FEATURE_LAYER], reference_features[FID_FEATURE_LAYER],
-            prc_neighborhood=prc_neighborhood, save_cpu_ram=True, verbose=verbose,
-        ))
-    result.update({_RESULT_KEYS[key]: float(value) for key, value in fidelity_results.items() if key in _RESULT_KEYS})
+            neighbourhood=prc_neighborhood, device=device,
+        )
+        result["precision"], result["recall"] = precision, recall
+        result["f_score"] = 2 * precision * recall / max(1e-5, precision + recall)  # torch-fidelity's F-score
     return result
 
 

@@ -22,28 +22,45 @@ def ema_decay(update: int, max_decay: float) -> float:
 class EMA(nn.Module):
     """Holds an averaged copy of `model`; the copy and the update count are saved in the state dict.
 
-    Frozen parameters (requires_grad False) are copied rather than averaged. Buffers are copied.
+    Trainable parameters are averaged in one multi-tensor `lerp` per update (one kernel launch per few hundred
+    tensors instead of one per tensor); buffers are copied. Frozen parameters (requires_grad False) are copied at
+    the first update and then once per `frozen_copy_interval` updates: they do not change while training (a load
+    into the live model is followed by `copy_frozen_from`), so the copy of a large frozen branch (the tokenizer's
+    400M-parameter SigLIP2 half, 1.6 GB) is not paid on every step.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
+    def __init__(self, model: nn.Module, decay: float = 0.999, frozen_copy_interval: int = 1000) -> None:
         super().__init__()
         self.decay = decay
+        self.frozen_copy_interval = frozen_copy_interval
         self.averaged = copy.deepcopy(model).eval().requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> float:
         self.num_updates += 1
-        decay = ema_decay(int(self.num_updates), self.decay)
+        updates = int(self.num_updates)
+        decay = ema_decay(updates, self.decay)
         averaged = dict(self.averaged.named_parameters())
+        targets, sources = [], []
         for name, parameter in model.named_parameters():
-            target = averaged[name]
             if parameter.requires_grad:
-                target.lerp_(parameter.detach().to(target.dtype), 1.0 - decay)
-            else:
-                target.copy_(parameter)
+                targets.append(averaged[name])
+                sources.append(parameter.detach().to(averaged[name].dtype))
+        if targets:
+            torch._foreach_lerp_(targets, sources, 1.0 - decay)
         averaged_buffers = dict(self.averaged.named_buffers())
         for name, buffer in model.named_buffers():
             if name in averaged_buffers:
                 averaged_buffers[name].copy_(buffer)
+        if updates == 1 or updates % self.frozen_copy_interval == 0:
+            self.copy_frozen_from(model)
         return decay
+
+    @torch.no_grad()
+    def copy_frozen_from(self, model: nn.Module) -> None:
+        """Copy the frozen parameters of `model` into the averaged copy."""
+        averaged = dict(self.averaged.named_parameters())
+        for name, parameter in model.named_parameters():
+            if not parameter.requires_grad:
+                averaged[name].copy_(parameter)

@@ -80,6 +80,22 @@ class TokenizerModule(L.LightningModule):
         self.ema = EMA(self.tokenizer, decay=training["ema_decay"]) if training.get("ema", True) else None
         self.evaluation = evaluation or {}
         self._val_outputs: dict[str, list[torch.Tensor]] = {}
+        # Compiled forwards of the tokenizer and the losses (training.compile), kept out of the module tree so
+        # that checkpoints hold no `_orig_mod.` keys.
+        object.__setattr__(self, "_compiled", None)
+
+    def on_fit_start(self) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = self.trainer.strategy
+        wanted = bool(self.hparams.training.get("compile", False))
+        if wanted and strategy.root_device.type == "cuda" and not isinstance(strategy, FSDPStrategy):
+            object.__setattr__(self, "_compiled", {"tokenizer": torch.compile(self.tokenizer),
+                                                   "loss": torch.compile(self.loss)})
+
+    def _forward(self, name: str) -> nn.Module:
+        """The compiled forward of `name` ("tokenizer" or "loss") when training.compile is on, else the module."""
+        return self._compiled[name] if self._compiled is not None else getattr(self, name)
 
     # ----------------------------------------------------------------- schedule
     def uses_discriminator(self, step: int) -> bool:
@@ -105,8 +121,9 @@ class TokenizerModule(L.LightningModule):
         if self.is_generator_step(step):
             if self.discriminator is not None:
                 self.discriminator.requires_grad_(False)  # G step: D is a fixed critic
-            output = self.tokenizer(images)
-            total, terms = self.loss(output.reconstruction, images, output.clip_prediction, output.clip_target)
+            output = self._forward("tokenizer")(images)
+            total, terms = self._forward("loss")(output.reconstruction, images, output.clip_prediction,
+                                                 output.clip_target)
             if self.uses_discriminator(step):
                 adversarial = generator_adversarial_loss(self.discriminator(output.reconstruction))
                 total = total + training["gan_weight"] * adversarial
@@ -121,7 +138,7 @@ class TokenizerModule(L.LightningModule):
             self.discriminator.requires_grad_(True)
             with torch.no_grad():
                 self.tokenizer.eval()
-                reconstruction = self.tokenizer(images).reconstruction
+                reconstruction = self._forward("tokenizer")(images).reconstruction
                 self.tokenizer.train()
             logits_real = self.discriminator(images)
             logits_fake = self.discriminator(quantize_to_uint8_grid(reconstruction))
@@ -143,10 +160,24 @@ class TokenizerModule(L.LightningModule):
         """Backward, clip, step and advance the schedule of one of the two optimisers."""
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        self.clip_gradients(optimizer, gradient_clip_val=self.hparams.training["gradient_clip_val"],
-                            gradient_clip_algorithm="norm")
+        self._clip_gradient_norm(optimizer, self.hparams.training["gradient_clip_val"])
         optimizer.step()
         scheduler.step()
+
+    def _clip_gradient_norm(self, optimizer: Any, max_norm: float | None) -> None:
+        """Clip the global gradient norm of `optimizer`'s parameters ourselves: Lightning refuses to clip for a fused
+        AdamW under bf16 autocast (it assumes the optimiser unscales fp16 gradients); FSDP computes the norm over
+        all shards. Under 16-mixed Lightning's own clipping unscales first."""
+        if not max_norm:
+            return
+        if str(self.trainer.precision) == "16-mixed":
+            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+            return
+        model = self.trainer.model
+        if hasattr(model, "clip_grad_norm_"):  # FullyShardedDataParallel
+            model.clip_grad_norm_(max_norm)
+        else:
+            torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm)
 
     def _check_finite(self, loss: torch.Tensor, which: str) -> None:
         if not torch.isfinite(loss):
@@ -184,12 +215,17 @@ class TokenizerModule(L.LightningModule):
             ))
             return {"scheduler": scheduler, "interval": "step"}
 
-        autoencoder_optimizer = torch.optim.AdamW(param_groups, lr=base_lr, betas=betas)
+        fused = optim.get("fused")
+        if fused is None:
+            # Fused AdamW unscales fp16 gradients itself, so clipping could not run between unscale and step.
+            fused = self.device.type == "cuda" and (str(self.trainer.precision) if self._trainer else "") != "16-mixed"
+        fused = bool(fused) or None
+        autoencoder_optimizer = torch.optim.AdamW(param_groups, lr=base_lr, betas=betas, fused=fused)
         configs = [{"optimizer": autoencoder_optimizer, "lr_scheduler": schedule(autoencoder_optimizer, base_lr)}]
         if self.discriminator is not None:
             disc_lr = optim["discriminator_learning_rate"]
             discriminator_optimizer = torch.optim.AdamW(
-                discriminator_params, lr=disc_lr, betas=betas, weight_decay=optim["weight_decay"]
+                discriminator_params, lr=disc_lr, betas=betas, weight_decay=optim["weight_decay"], fused=fused
             )
             configs.append({"optimizer": discriminator_optimizer,
                             "lr_scheduler": schedule(discriminator_optimizer, disc_lr)})

@@ -1,0 +1,154 @@
+"""Images/s, peak memory and MFU of the real train.py step of the full-size BAR-FSQ tokenizer.
+
+The LightningModule and Trainer are built as train.py builds them (`build_tokenizer_job`, `build_trainer`) for
+`experiment=bar_fsq_16bits` at 256 px, the official per-GPU batch 32, bf16-mixed; the pretrained networks (VGG16,
+LPIPS heads, ConvNeXt-S, DINO ViT-S/8, SigLIP2) are random stand-ins written by `bar_lightning.stand_in_weights`
+into a temporary `paths.pretrained_dir`, read by the same loaders a user's real files go through. Synthetic images
+(no decoding cost). Two phases:
+
+* `generator`: before `discriminator_start` (autoencoder steps only);
+* `gan`: G and D alternate from the first step (each takes one batch); the rate is batch / mean step time.
+
+    python bench/tokenizer_training.py --phases generator,gan --variants eager,compile --out tokenizer.json
+
+TFLOP/s counts the matrix products and convolutions of one G step (forward and backward of the tokenizer and
+every loss network, measured with torch.utils.flop_counter on one batch), MFU is against the card's dense bf16
+rate (`--peak-tflops`). On CPU: `--experiment tiny_tokenizer --batch 4` as a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from common import compose_experiment, machine, print_table, synchronize, write_results
+
+from bar_lightning.run import build_tokenizer_job, build_trainer
+from bar_lightning.stand_in_weights import write_stand_in_weights
+
+VARIANTS: dict[str, list[str]] = {
+    "eager": [],
+    "eager+unfused_adamw": ["optim.fused=false"],
+    "compile": ["training.compile=true"],
+}
+
+
+class StepTimer(L.Callback):
+    """Wall time of every training batch, synchronised at both ends."""
+
+    def __init__(self) -> None:
+        self.durations: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        synchronize()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        synchronize()
+        self.durations.append(time.perf_counter() - self._start)
+
+
+def generator_step_flops(module: Any, batch: int, image_size: int, device: torch.device) -> float:
+    """FLOPs of one autoencoder step (forward and backward of the tokenizer and the losses) on `batch` images."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    module.to(device).train()
+    images = torch.rand(batch, 3, image_size, image_size, device=device) * 2 - 1
+    # bf16 autocast as the step runs it (on CPU, where some resampling kernels lack bf16, in float32)
+    with FlopCounterMode(display=False) as counter, torch.autocast(device.type, dtype=torch.bfloat16,
+                                                                   enabled=device.type == "cuda"):
+        output = module.tokenizer(images)
+        total, _ = module.loss(output.reconstruction, images, output.clip_prediction, output.clip_target)
+        total.backward()
+    module.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def run_variant(phase: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
+    cuda = torch.cuda.is_available()
+    total_steps = args.warmup + args.timed
+    pretrained = Path(tempfile.mkdtemp(prefix="stand_in_pretrained_"))
+    overrides = [
+        "trainer=gpu" if cuda else "trainer=cpu", f"trainer.precision={'bf16-mixed' if cuda else '32-true'}",
+        "data=synthetic_images",
+        f"data.batch_size={args.batch}", f"data.num_workers={args.workers}", "data.pin_memory=true",
+        f"data.synthetic_num_samples={args.batch * (total_steps + 2)}", f"trainer.max_steps={total_steps}",
+        "trainer.num_sanity_val_steps=0", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false", "trainer.log_every_n_steps=50", f"paths.pretrained_dir={pretrained}",
+        f"training.discriminator_start={0 if phase == 'gan' else 10**9}", *VARIANTS[name], *args.override,
+    ]
+    cfg = compose_experiment(args.experiment, overrides, output_dir=f"/tmp/bar_bench/tokenizer_{phase}_{name}")
+    write_stand_in_weights(cfg)
+    L.seed_everything(0)
+    module, datamodule = build_tokenizer_job(cfg)
+    device = torch.device("cuda" if cuda else "cpu")
+    flops = generator_step_flops(module, args.flop_batch, cfg.model.image_size, device) / args.flop_batch
+    timer = StepTimer()
+    trainer = build_trainer(cfg, enable_checkpointing=False)
+    trainer.callbacks.append(timer)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    wall = time.perf_counter() - start
+    timed = timer.durations[args.warmup:]
+    step = statistics.median(timed) if phase == "generator" else statistics.fmean(timed)
+    row = {
+        "code": "bar_lightning", "experiment": args.experiment, "phase": phase, "variant": name, "batch": args.batch,
+        "step_s": step, "images_per_s": args.batch / step, "step_durations_s": timer.durations,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "generator_step_gflop_per_image": flops / 1e9, "first_steps_s": sum(timer.durations[:args.warmup]),
+        "wall_s": wall,
+    }
+    # MFU of the autoencoder step (the D step is cheaper: the tokenizer runs forward only, without gradients).
+    if phase == "generator":
+        row["tflops"] = flops * args.batch / step / 1e12
+        row["mfu_vs_bf16_peak"] = row["tflops"] / args.peak_tflops
+    del module, datamodule, trainer
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", default="bar_fsq_16bits")
+    parser.add_argument("--phases", default="generator,gan")
+    parser.add_argument("--variants", default="eager,compile")
+    parser.add_argument("--batch", type=int, default=32, help="per-GPU batch (the official recipe's 32)")
+    parser.add_argument("--flop-batch", dest="flop_batch", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=6)
+    parser.add_argument("--timed", type=int, default=12)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--peak-tflops", dest="peak_tflops", type=float, default=790.0,
+                        help="dense bf16 matmul rate measured on this GPU (H200: ~790, docs/benchmarks.md)")
+    parser.add_argument("--override", action="append", default=[])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    results: dict[str, Any] = {"machine": machine(), "rows": []}
+    for phase in args.phases.split(","):
+        for name in args.variants.split(","):
+            try:
+                row = run_variant(phase, name, args)
+            except Exception as error:  # report and go on with the other variants
+                row = {"phase": phase, "variant": name, "error": f"{type(error).__name__}: {error}"[:800]}
+                gc.collect()
+            print({k: v for k, v in row.items() if k != "step_durations_s"}, flush=True)
+            results["rows"].append(row)
+            write_results(args.out, results)
+    print(f"\ntokenizer training, {results['machine'].get('gpu')}, torch {torch.__version__}, bf16-mixed")
+    print_table(results["rows"], ["phase", "variant", "batch", "images_per_s", "step_s", "peak_memory_gib", "tflops",
+                                  "mfu_vs_bf16_peak", "first_steps_s", "error"])
+
+
+if __name__ == "__main__":
+    main()

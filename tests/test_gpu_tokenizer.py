@@ -1,0 +1,71 @@
+"""The BAR-FSQ tokenizer on a GPU: the golden fixture's bits and decoding as on the CPU, and one generator step and
+one discriminator step of the full-size training module (random stand-ins for its pretrained networks).
+
+Skipped without a GPU; bench/h200.sh runs it.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from bar_lightning.config.schema import validate_train_config
+from bar_lightning.run import build_tokenizer_job, build_trainer
+from bar_lightning.stand_in_weights import write_stand_in_weights
+
+from .test_configs import compose_train
+from .test_parity_tokenizer import c2_sizes, load_tokenizer, max_error, read_fixture
+from .test_tokenizer_module import OptimizerStepRecorder
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# fp32 without TF32 on the GPU: the kernels differ from the CPU's (reduction order), not the precision.
+GPU_ATOL = 1e-4
+
+
+@pytest.fixture
+def exact_float32():
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def test_golden_tokenizer_encodes_and_decodes_on_the_gpu_as_on_the_cpu(exact_float32):
+    meta, io, weights = read_fixture("tokenizer_C2")
+    tokenizer = load_tokenizer(meta["config"], weights, *c2_sizes(meta)).cuda().eval()
+    images = io["tok.images"].cuda()
+    with torch.no_grad():
+        features = tokenizer.encode_features(images)
+        bits = tokenizer.encode_bits(images)
+        decoded = tokenizer.decode_bits(io["tok.bits_flat"].cuda())
+    assert max_error(features.cpu(), io["tok.encoder_features"]) < GPU_ATOL
+    assert torch.equal(bits.cpu(), io["tok.bits_flat"])
+    assert max_error(decoded.cpu(), io["tok.decoded"]) < GPU_ATOL
+
+
+def test_full_size_tokenizer_takes_a_generator_and_a_discriminator_step(tmp_path):
+    cfg = validate_train_config(compose_train(
+        ["experiment=bar_fsq_16bits", "data=synthetic_images", "data.batch_size=4", "data.num_workers=0",
+         f"paths.pretrained_dir={tmp_path / 'pretrained'}", "training.discriminator_start=1", "trainer.max_steps=2",
+         "trainer.precision=bf16-mixed", "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
+         "trainer.enable_model_summary=false", "logger=none", "callbacks=none"],
+        tmp_path / "run",
+    ))
+    written = write_stand_in_weights(cfg)
+    assert set(written) == {"loss.vgg16_weights", "loss.lpips_weights", "loss.convnext_weights",
+                            "discriminator.backbone_weights", "training.encoder_init_weights"}
+    L.seed_everything(0)
+    module, datamodule = build_tokenizer_job(cfg)
+    recorder = OptimizerStepRecorder()
+    trainer = build_trainer(cfg)
+    trainer.callbacks.append(recorder)
+    trainer.fit(module, datamodule=datamodule)
+    assert recorder.kinds == ["G", "D"]
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["train/d_loss"])
+    # The frozen SigLIP2 branch, VGG, ConvNeXt and DINO stay out of the optimisers.
+    trained = {id(parameter) for optimizer in trainer.optimizers for group in optimizer.param_groups
+               for parameter in group["params"]}
+    frozen_encoder = module.tokenizer.encoder.frozen_layers.parameters()
+    assert not any(id(parameter) in trained for parameter in frozen_encoder)
