@@ -191,3 +191,30 @@ def test_rfid_refuses_a_missing_inception_file(tiny_tokenizer_fit, tmp_path):
     module.evaluation = {"rfid": True, "inception_weights": str(tmp_path / "missing.pth")}
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         module._fid()
+
+
+def test_ema_shares_frozen_weights_and_averages_trainable_ones_in_a_state_dict_of_the_whole_model(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    model[0].requires_grad_(False)  # a frozen branch, like the tokenizer's SigLIP2 half
+    ema = EMA(model, decay=0.5)
+    assert ema.averaged[0].weight is model[0].weight  # held once
+    assert ema.averaged[1].weight.data_ptr() != model[1].weight.data_ptr()  # averaged separately
+    with torch.no_grad():
+        model[1].weight.add_(1.0)
+    before = ema.averaged[1].weight.clone()
+    for _ in range(3):
+        decay = ema.update(model)
+        before = decay * before + (1 - decay) * model[1].weight
+        torch.testing.assert_close(ema.averaged[1].weight, before)
+    state = ema.state_dict()
+    assert {"averaged.0.weight", "averaged.0.bias", "averaged.1.weight", "num_updates"} <= set(state)
+    torch.save(state, tmp_path / "ema.pt")
+    other = EMA(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), decay=0.5)
+    other.load_state_dict(torch.load(tmp_path / "ema.pt", weights_only=True))
+    torch.testing.assert_close(other.averaged[0].weight, model[0].weight)
+    torch.testing.assert_close(other.averaged[1].weight, ema.averaged[1].weight)
+    # A frozen weight that is not shared (a fresh model) is copied in by copy_frozen_from.
+    fresh = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    fresh[0].requires_grad_(False)
+    other.copy_frozen_from(fresh)
+    torch.testing.assert_close(other.averaged[0].weight, fresh[0].weight)
