@@ -47,7 +47,7 @@ def test_golden_tokenizer_encodes_and_decodes_on_the_gpu_as_on_the_cpu(exact_flo
 def test_full_size_tokenizer_takes_a_generator_and_a_discriminator_step(tmp_path):
     cfg = validate_train_config(compose_train(
         ["experiment=bar_fsq_16bits", "data=synthetic_images", "data.batch_size=4", "data.num_workers=0",
-         f"paths.pretrained_dir={tmp_path / 'pretrained'}", "training.discriminator_start=1", "trainer.max_steps=2",
+         f"paths.pretrained_dir={tmp_path / 'pretrained'}", "training.discriminator_start=0", "trainer.max_steps=2",
          "trainer.precision=bf16-mixed", "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
          "trainer.enable_model_summary=false", "logger=none", "callbacks=none"],
         tmp_path / "run",

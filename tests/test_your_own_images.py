@@ -293,3 +293,24 @@ def test_logger_none_trains(tmp_path):
     result = bash(TINY.format(steps=2, run=tmp_path) + " logger=none")
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and not (tmp_path / "tensorboard").exists()
+
+
+def test_on_a_gpu_machine_workers_follow_the_gpus_and_a_full_size_generator_is_not_refused(monkeypatch):
+    # The CUDA branches, with a machine of 4 GPUs and 16 cores described to them (this machine has no GPU).
+    from omegaconf import OmegaConf
+
+    from bar_lightning import io, run
+
+    monkeypatch.setattr(run.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(run.torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(io, "available_cpus", lambda: 16)
+    trainer = OmegaConf.create({"accelerator": "auto", "devices": "auto"})
+    assert run.local_processes(trainer) == 4
+    assert run.local_processes(OmegaConf.create({"accelerator": "cpu", "devices": "auto"})) == 1
+    assert run.local_processes(OmegaConf.create({"accelerator": "gpu", "devices": [0, 1]})) == 2
+    cfg = OmegaConf.create({"trainer": dict(trainer), "data": {"num_workers": "auto", "persistent_workers": True}})
+    run.resolve_num_workers(cfg)
+    assert cfg.data.num_workers == io.default_num_workers(4) == 3  # 16 cores / 4 processes - 1
+    # BAR-B on an auto accelerator with CUDA present is not refused (it is on a CPU-only machine).
+    bar_b = OmegaConf.create({"task": "generator", "trainer": dict(trainer), "model": {}})
+    run.check_model_fits_the_machine(bar_b)  # returns before counting parameters: the GPU takes it
