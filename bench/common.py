@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
@@ -115,6 +116,22 @@ def print_kernel_table(profile: dict[str, Any]) -> None:
 def synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+class StepTimer(L.Callback):
+    """Wall time of every training batch, synchronised at both ends."""
+
+    def __init__(self) -> None:
+        self.durations: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        synchronize()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        synchronize()
+        self.durations.append(time.perf_counter() - self._start)
 
 
 def time_calls(call: Callable[[int], Any], *, warmup: int, timed: int) -> list[float]:

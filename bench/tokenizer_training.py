@@ -28,7 +28,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from common import compose_experiment, machine, print_table, synchronize, write_results
+from common import StepTimer, compose_experiment, machine, print_table, write_results
 
 from bar_lightning.run import build_tokenizer_job, build_trainer
 from bar_lightning.stand_in_weights import write_stand_in_weights
@@ -38,22 +38,6 @@ VARIANTS: dict[str, list[str]] = {
     "eager+unfused_adamw": ["optim.fused=false"],
     "compile": ["training.compile=true"],
 }
-
-
-class StepTimer(L.Callback):
-    """Wall time of every training batch, synchronised at both ends."""
-
-    def __init__(self) -> None:
-        self.durations: list[float] = []
-        self._start = 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
-        synchronize()
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        synchronize()
-        self.durations.append(time.perf_counter() - self._start)
 
 
 def generator_step_flops(module: Any, batch: int, image_size: int, device: torch.device) -> float:

@@ -18,6 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 from common import (
+    StepTimer,
     compose_experiment,
     kernel_table,
     machine,
@@ -52,20 +53,6 @@ VARIANTS = {
     "ddp": ["trainer=ddp", "trainer.devices=1", "training.compile=false"],
     "fsdp": ["trainer=fsdp", "trainer.devices=1", "training.compile=false"],
 }
-
-
-class StepTimer(L.Callback):
-    def __init__(self) -> None:
-        self.durations: list[float] = []
-        self._start = 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
-        synchronize()
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        synchronize()
-        self.durations.append(time.perf_counter() - self._start)
 
 
 class StepProfiler(L.Callback):

@@ -22,6 +22,7 @@ from rich.progress import Progress
 
 from bar_lightning.config.schema import ConfigError, check_sampling
 from bar_lightning.distributed import hold_output_folder, join_torchrun_process_group
+from bar_lightning.eval.metrics import INCEPTION_FEATURE_DIM, SFID_FEATURE_DIM
 from bar_lightning.eval.sampling import (
     balanced_labels,
     load_generator_from_source,
@@ -255,12 +256,6 @@ def _evaluate(cfg: DictConfig, *, rank: int, world_size: int, output: Path) -> d
     atomic_write_json(output / "metrics.json", {**result, "provenance": record}, indent=2, sort_keys=True)
     log.info("metrics: %s", result)
     return result
-
-
-INCEPTION_FEATURE_DIM = 2048
-
-
-SFID_FEATURE_DIM = 2023  # 17 x 17 x 7 spatial features of mixed_6/conv (eval/metrics.py)
 
 
 KNOWN_METRICS = ("fid", "sfid", "isc", "kid", "prc", "class_accuracy", "fid_demo")

@@ -49,6 +49,29 @@ def upstream_no_decay(name: str, parameter: torch.Tensor) -> bool:
     return parameter.ndim < 2 or "bias" in name or "norm" in lowered or "ln" in lowered or "embed" in lowered
 
 
+def fused_adamw_wanted(module: L.LightningModule, setting: bool | None) -> bool:
+    """`optim.fused`, with None resolved: fused AdamW on CUDA, except under 16-mixed precision (fused AdamW unscales
+    fp16 gradients itself, so clipping could not run between unscale and step)."""
+    if setting is not None:
+        return bool(setting)
+    precision = str(module.trainer.precision) if module._trainer is not None else ""
+    return module.device.type == "cuda" and precision != "16-mixed"
+
+
+def clip_gradient_norm(module: L.LightningModule, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+    """Clip the global gradient norm of `optimizer`'s parameters ourselves: Lightning refuses to clip for a fused
+    AdamW under bf16 autocast (it assumes the optimiser unscales fp16 gradients) and for FSDP; FSDP computes the norm
+    over all shards. Under 16-mixed Lightning's own clipping unscales first."""
+    if str(module.trainer.precision) == "16-mixed":
+        module.clip_gradients(optimizer, max_norm, "norm")
+        return
+    model = module.trainer.model
+    if hasattr(model, "clip_grad_norm_"):  # FullyShardedDataParallel
+        model.clip_grad_norm_(max_norm)
+    else:
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm)
+
+
 def parameter_groups(
     named_parameters: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float, rule: str
 ) -> list[dict[str, Any]]:
@@ -277,12 +300,9 @@ class GeneratorModule(L.LightningModule):
         # Parameters of the strategy-wrapped model (DDP/FSDP), as Lightning recommends.
         source = self.trainer.model if self._trainer is not None else self
         groups = parameter_groups(source.named_parameters(), optim["weight_decay"], optim["no_decay_rule"])
-        fused = optim.get("fused")
-        if fused is None:
-            # Fused AdamW unscales fp16 gradients itself, so clipping could not run between unscale and step.
-            fused = self.device.type == "cuda" and (str(self.trainer.precision) if self._trainer else "") != "16-mixed"
         optimizer = torch.optim.AdamW(
-            groups, lr=optim["learning_rate"], betas=tuple(optim["betas"]), fused=bool(fused) or None
+            groups, lr=optim["learning_rate"], betas=tuple(optim["betas"]),
+            fused=fused_adamw_wanted(self, optim.get("fused")) or None,
         )
         schedule = LambdaLR(
             optimizer,
@@ -297,20 +317,14 @@ class GeneratorModule(L.LightningModule):
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Clip the global gradient norm ourselves: Lightning refuses to clip for a fused AdamW under bf16 autocast
-        (it assumes the optimiser unscales fp16 gradients) and for FSDP; FSDP computes the norm over all shards."""
+        """The global gradient norm by `clip_gradient_norm` (Lightning refuses to clip for a fused AdamW under bf16
+        autocast and for FSDP); other algorithms by Lightning."""
         if not gradient_clip_val:
             return
-        if gradient_clip_algorithm not in (None, "norm") or str(self.trainer.precision) == "16-mixed":
+        if gradient_clip_algorithm not in (None, "norm"):
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
-        model = self.trainer.model
-        if hasattr(model, "clip_grad_norm_"):  # FullyShardedDataParallel
-            model.clip_grad_norm_(gradient_clip_val)
-        else:
-            torch.nn.utils.clip_grad_norm_(
-                [p for group in optimizer.param_groups for p in group["params"]], gradient_clip_val
-            )
+        clip_gradient_norm(self, optimizer, gradient_clip_val)
 
     # ----------------------------------------------------------------- state
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -13,7 +13,12 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from bar_lightning.lightning.ema import EMA
-from bar_lightning.lightning.generator_module import upstream_no_decay, warmup_cosine
+from bar_lightning.lightning.generator_module import (
+    clip_gradient_norm,
+    fused_adamw_wanted,
+    upstream_no_decay,
+    warmup_cosine,
+)
 from bar_lightning.models.conv_tokenizer import ConvFSQTokenizer
 from bar_lightning.models.discriminator import DinoDiscriminator, PatchDiscriminator
 from bar_lightning.models.losses import (
@@ -160,24 +165,10 @@ class TokenizerModule(L.LightningModule):
         """Backward, clip, step and advance the schedule of one of the two optimisers."""
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        self._clip_gradient_norm(optimizer, self.hparams.training["gradient_clip_val"])
+        if self.hparams.training["gradient_clip_val"]:
+            clip_gradient_norm(self, optimizer, self.hparams.training["gradient_clip_val"])
         optimizer.step()
         scheduler.step()
-
-    def _clip_gradient_norm(self, optimizer: Any, max_norm: float | None) -> None:
-        """Clip the global gradient norm of `optimizer`'s parameters ourselves: Lightning refuses to clip for a fused
-        AdamW under bf16 autocast (it assumes the optimiser unscales fp16 gradients); FSDP computes the norm over
-        all shards. Under 16-mixed Lightning's own clipping unscales first."""
-        if not max_norm:
-            return
-        if str(self.trainer.precision) == "16-mixed":
-            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
-            return
-        model = self.trainer.model
-        if hasattr(model, "clip_grad_norm_"):  # FullyShardedDataParallel
-            model.clip_grad_norm_(max_norm)
-        else:
-            torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm)
 
     def _check_finite(self, loss: torch.Tensor, which: str) -> None:
         if not torch.isfinite(loss):
@@ -215,11 +206,7 @@ class TokenizerModule(L.LightningModule):
             ))
             return {"scheduler": scheduler, "interval": "step"}
 
-        fused = optim.get("fused")
-        if fused is None:
-            # Fused AdamW unscales fp16 gradients itself, so clipping could not run between unscale and step.
-            fused = self.device.type == "cuda" and (str(self.trainer.precision) if self._trainer else "") != "16-mixed"
-        fused = bool(fused) or None
+        fused = fused_adamw_wanted(self, optim.get("fused")) or None
         autoencoder_optimizer = torch.optim.AdamW(param_groups, lr=base_lr, betas=betas, fused=fused)
         configs = [{"optimizer": autoencoder_optimizer, "lr_scheduler": schedule(autoencoder_optimizer, base_lr)}]
         if self.discriminator is not None:
