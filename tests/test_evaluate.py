@@ -191,3 +191,73 @@ def test_samples_are_converted_to_uint8_as_the_official_sampler_writes_them():
     assert to_uint8_images(just_under).ravel().tolist() == [99, 99, 99]
     rounded = torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8).numpy()
     assert (rounded != converted).mean() > 0.3  # what the earlier conversion got wrong
+
+
+@pytest.fixture(scope="module")
+def generator_of_tiny_tokenizer(tmp_path_factory) -> Path:
+    """A tiny generator of the tiny tokenizer's 6-bit tokens (2 training steps): a pair that decodes to images."""
+    from .conftest import train_tiny
+
+    return train_tiny(tmp_path_factory.mktemp("gen6"), "experiment=tiny_generator", "model.bits_per_token=6",
+                      "sampling.tokens_allocation=[2,2,2]", "trainer.max_steps=2", "data.val_num_samples=0")
+
+
+def test_metrics_are_scored_from_features_made_during_sampling_with_each_stage_timed(
+    tmp_path, monkeypatch, generator_of_tiny_tokenizer, tokenizer_checkpoint, inception_weights
+):
+    """The streamed path (features of each decoded batch on the device) scores exactly what the saved samples
+    score through the whole-set pass, one process or two; metrics.json says where the time went."""
+    import bar_lightning.eval.evaluate as evaluate_module
+    from bar_lightning.eval.metrics import compute_generation_metrics, load_adm_npz, save_adm_npz
+
+    reference = tmp_path / "reference.npz"
+    rng = np.random.default_rng(1)
+    save_adm_npz(reference, rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8))
+    overrides = [f"generator.checkpoint={generator_of_tiny_tokenizer}", f"tokenizer.checkpoint={tokenizer_checkpoint}",
+                 "sampling=tiny", "sampling.tokens_allocation=[2,2,2]", "classes=[0,1,2]", "num_samples_per_class=2", "batch_size=3", "device=cpu",
+                 f"metrics.reference={reference}", f"metrics.inception_weights={inception_weights}",
+                 "metrics.batch_size=3", "metrics.kid_subset_size=4", "metrics.allow_small_sample=true"]
+    single = run_evaluation(validate_evaluate_config(compose_evaluate(overrides, tmp_path / "single")))
+    samples = load_adm_npz(tmp_path / "single" / "samples.npz")
+    whole_set = compute_generation_metrics(samples, reference=str(reference), inception_weights=inception_weights,
+                                           batch_size=3, kid_subset_size=4, allow_small_sample=True)
+    names = ["fid", "sfid", "isc", "isc_std", "kid", "kid_std", "precision", "recall", "f_score"]
+    assert {name: single[name] for name in names} == whole_set
+    timings = json.loads((tmp_path / "single" / "metrics.json").read_text())["timings_s"]
+    assert set(timings) == {"sampling", "decoding", "inception_features", "to_host", "sampling_loop_wall",
+                            "saving_bits", "saving_npz", "statistics_and_reference", "total_wall"}
+    assert all(seconds >= 0 for seconds in timings.values())
+    assert timings["total_wall"] >= timings["sampling_loop_wall"] >= timings["sampling"] > 0
+    # Two ranks: each streams its own samples' features; rank 0 merges them in global order (IS splits and KID
+    # subsets depend on the order), so the scores equal the single process's.
+    for rank in (1, 0):
+        monkeypatch.setattr(evaluate_module, "join_torchrun_process_group", lambda rank=rank: (rank, 2))
+        sharded = run_evaluation(validate_evaluate_config(compose_evaluate(
+            [*overrides, "batch_size=1", "metrics.batch_size=1"], tmp_path / "sharded")))
+    monkeypatch.undo()
+    one_by_one = run_evaluation(validate_evaluate_config(compose_evaluate(
+        [*overrides, "batch_size=1", "metrics.batch_size=1"], tmp_path / "one_by_one")))
+    assert {name: sharded[name] for name in names} == {name: one_by_one[name] for name in names}
+    assert not list((tmp_path / "sharded").glob(".part_rank*"))
+
+
+def test_a_metrics_request_that_cannot_be_scored_fails_before_sampling(
+    tmp_path, monkeypatch, generator_of_tiny_tokenizer, tokenizer_checkpoint, inception_weights
+):
+    import bar_lightning.eval.evaluate as evaluate_module
+    from bar_lightning.eval.metrics import save_adm_npz
+
+    reference = tmp_path / "reference_64px.npz"
+    save_adm_npz(reference, np.zeros((5, 64, 64, 3), np.uint8))  # the samples are 16 px
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampling started")
+
+    monkeypatch.setattr(evaluate_module, "generate_shard", no_sampling)
+    cfg = validate_evaluate_config(compose_evaluate(
+        [f"generator.checkpoint={generator_of_tiny_tokenizer}", f"tokenizer.checkpoint={tokenizer_checkpoint}",
+         "sampling=tiny", "sampling.tokens_allocation=[2,2,2]", "classes=[0,1]", "num_samples_per_class=3", "device=cpu", f"metrics.reference={reference}",
+         f"metrics.inception_weights={inception_weights}", "metrics.kid_subset_size=4",
+         "metrics.allow_small_sample=true"], tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"samples are 16x16 .* holds 64x64 images"):
+        run_evaluation(cfg)

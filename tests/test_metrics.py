@@ -18,6 +18,7 @@ from bar_lightning.eval.metrics import (
     INCEPTION_FEATURE_DIM,
     SFID_FEATURE_DIM,
     SFID_FEATURE_LAYER,
+    InceptionFeatureStream,
     RunningFeatureStatistics,
     check_weights_file,
     compute_generation_metrics,
@@ -29,6 +30,7 @@ from bar_lightning.eval.metrics import (
     load_adm_npz,
     load_reference_statistics,
     manifold_precision_recall,
+    metrics_of_sample_features,
     save_adm_npz,
     save_reference_statistics,
 )
@@ -491,3 +493,39 @@ def test_missing_weights_fail_before_any_work(tmp_path, image_sets):
     with pytest.raises(FileNotFoundError, match="FID Inception weights"):
         compute_generation_metrics(image_sets["bright_noise"], reference=image_sets["dark_noise"],
                                    inception_weights=tmp_path / "absent.pth", **SMALL)
+
+
+# ------------------------------------------------------------------------------------- features as they are made
+
+
+def test_streamed_features_equal_the_batch_pass_and_give_the_same_metrics(image_sets, inception_weights):
+    """evaluate.py's path: features of each batch while it is on the device, metrics from them afterwards."""
+    samples = np.concatenate([image_sets["bright_noise"], image_sets["dark_noise"][:2]])  # 6 images
+    names = ("fid", "sfid", "isc", "kid", "prc")
+    stream = InceptionFeatureStream(inception_weights=inception_weights, metrics=names)
+    for start in (0, 3):  # the batches of the reference pass below
+        stream.add(torch.from_numpy(samples[start:start + 3]).permute(0, 3, 1, 2))
+    streamed = stream.features()
+    direct = extract_inception_features(samples, inception_weights=inception_weights, batch_size=3,
+                                        feature_layers=("2048", "logits_unbiased", SFID_FEATURE_LAYER))
+    assert stream.num_images == 6 and set(streamed) == set(direct)
+    for layer, rows in direct.items():
+        assert streamed[layer].device.type == "cpu" and torch.equal(streamed[layer], rows), layer
+    reference = image_sets["dark_noise"]
+    from_features = metrics_of_sample_features(streamed, sample_shape=samples.shape, reference=reference,
+                                               inception_weights=inception_weights, metrics=names, batch_size=3,
+                                               **SMALL)
+    from_images = compute_generation_metrics(samples, reference=reference, inception_weights=inception_weights,
+                                             metrics=names, batch_size=3, **SMALL)
+    assert set(from_features) == {"fid", "sfid", "isc", "isc_std", "kid", "kid_std", "precision", "recall", "f_score"}
+    assert from_features == from_images
+    # Features of fewer samples than the shape claims, or without a layer a metric needs, are refused.
+    with pytest.raises(ValueError, match=r"sample_features\['2048'\] has 5 rows for 6 samples"):
+        metrics_of_sample_features({layer: rows[:5] for layer, rows in streamed.items()}, sample_shape=samples.shape,
+                                   reference=reference, inception_weights=inception_weights, metrics=names, **SMALL)
+    with pytest.raises(ValueError, match=r"sample_features\['mixed_6/conv'\] has None rows"):
+        metrics_of_sample_features({"2048": streamed["2048"], "logits_unbiased": streamed["logits_unbiased"]},
+                                   sample_shape=samples.shape, reference=reference,
+                                   inception_weights=inception_weights, metrics=names, **SMALL)
+    with pytest.raises(ValueError, match=r"expected uint8 \[B, 3, H, W\] images, got torch.float32"):
+        stream.add(torch.zeros(1, 3, 32, 32))

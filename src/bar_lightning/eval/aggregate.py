@@ -46,8 +46,8 @@ DEFAULT_X_KEY = "sampling.guidance_scale"
 # numeric ones always; tags (a list) when some job has any and they are not already an override column.
 RUN_DESCRIPTION_KEYS = ("num_samples", "num_classes", "guidance_scale", "temperature", "tags")
 # Known metrics come first in the table, in this order; other numeric keys follow in order of appearance.
-PREFERRED_METRIC_ORDER = ("fid", "isc", "isc_std", "kid", "kid_std", "precision", "recall", "f_score")
-METRIC_TITLES = {"fid": "FID", "isc": "Inception Score", "kid": "KID", "precision": "Precision", "recall": "Recall"}
+PREFERRED_METRIC_ORDER = ("fid", "sfid", "isc", "isc_std", "kid", "kid_std", "precision", "recall", "f_score")
+METRIC_TITLES = {"fid": "FID", "sfid": "sFID", "isc": "Inception Score", "kid": "KID", "precision": "Precision", "recall": "Recall"}
 # YAML 1.1 reads these as booleans; Hydra's override grammar keeps them as strings.
 _YAML11_ONLY_BOOLEANS = {"yes", "no", "on", "off", "y", "n"}
 _EXPONENT_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")

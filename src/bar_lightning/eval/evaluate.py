@@ -8,10 +8,13 @@ merges the parts in global order.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +39,51 @@ from bar_lightning.provenance import model_source_record, provenance
 log = logging.getLogger(__name__)
 
 
-def to_uint8_images(images: torch.Tensor) -> np.ndarray:
-    """`[B, 3, H, W]` in [-1, 1] -> `[B, H, W, 3]` uint8 exactly as the official sampler writes its PNGs:
-    `(x + 1) / 2`, clamped to [0, 1], times 255, truncated (not rounded: a rounding conversion would make about half
-    the pixel values one level brighter than the official samples and shift FID and IS)."""
+def to_uint8_nchw(images: torch.Tensor) -> torch.Tensor:
+    """`[B, 3, H, W]` in [-1, 1] -> uint8 `[B, 3, H, W]` on the same device, exactly as the official sampler writes
+    its PNGs: `(x + 1) / 2`, clamped to [0, 1], times 255, truncated (not rounded: a rounding conversion would make
+    about half the pixel values one level brighter than the official samples and shift FID and IS)."""
     unit = torch.clamp((images + 1.0) / 2.0, 0.0, 1.0)
-    return (unit * 255.0).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
+    return (unit * 255.0).to(torch.uint8)
+
+
+def to_uint8_images(images: torch.Tensor) -> np.ndarray:
+    """`[B, 3, H, W]` in [-1, 1] -> `[B, H, W, 3]` uint8 numpy (the ADM layout), converted as `to_uint8_nchw`."""
+    return to_uint8_nchw(images).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class StageClock:
+    """Seconds spent per stage of the evaluation, without serialising the GPU: on CUDA each stage is bracketed by
+    events on the current stream (read once, at the end); on CPU by the wall clock."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._events: dict[str, list[tuple[Any, Any]]] = {}
+        self._seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.setdefault(name, []).append((start, end))
+        else:
+            began = time.perf_counter()
+            yield
+            self.add(name, time.perf_counter() - began)
+
+    def add(self, name: str, seconds: float) -> None:
+        self._seconds[name] = self._seconds.get(name, 0.0) + seconds
+
+    def seconds(self) -> dict[str, float]:
+        totals = dict(self._seconds)
+        if self._events:
+            torch.cuda.synchronize()
+            for name, pairs in self._events.items():
+                totals[name] = totals.get(name, 0.0) + sum(start.elapsed_time(end) for start, end in pairs) / 1000
+        return {name: round(value, 3) for name, value in totals.items()}
 
 
 def shard_indices(num_samples: int, rank: int, world_size: int) -> list[int]:
@@ -69,24 +111,40 @@ def generate_shard(
     batch_size: int,
     seed: int,
     device: torch.device,
+    feature_stream: Any = None,
+    clock: StageClock | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Bits (and decoded uint8 images when a tokenizer is given) for the samples `indices` of the global list."""
-    bits_parts, image_parts = [], []
+    """Bits (and decoded uint8 images when a tokenizer is given) for the samples `indices` of the global list.
+
+    Each batch is decoded, converted and (with a `feature_stream`) given to the Inception network while it is on
+    the device, right after it is sampled: nothing waits for the whole set, and the images cross to the host once,
+    into arrays allocated once (50,000 images at 256 px are 9.8 GB).
+    """
+    clock = clock or StageClock(device)
+    bits_all = np.zeros((len(indices), generator.num_tokens * generator.bits_per_token), np.uint8)
+    images_all = None
     with Progress(disable=not os.environ.get("BAR_PROGRESS", "1") == "1") as progress:
         task = progress.add_task("sampling", total=len(indices))
         for start in range(0, len(indices), batch_size):
             batch_indices = indices[start : start + batch_size]
-            rng = torch.Generator(device=device).manual_seed(seed + batch_indices[0])
-            bits = generator.generate(
-                labels[batch_indices].to(device), generator=rng, **generate_options(sampling, allocation, device)
-            )
-            bits_parts.append(bits.cpu().numpy().astype(np.uint8))
+            rows = slice(start, start + len(batch_indices))
+            with clock.stage("sampling"):
+                rng = torch.Generator(device=device).manual_seed(seed + batch_indices[0])
+                bits = generator.generate(
+                    labels[batch_indices].to(device), generator=rng, **generate_options(sampling, allocation, device)
+                )
             if tokenizer is not None:
-                image_parts.append(to_uint8_images(tokenizer.decode_bits(bits)))
+                with clock.stage("decoding"):
+                    images = to_uint8_nchw(tokenizer.decode_bits(bits))  # [B, 3, H, W] uint8, on the device
+                if feature_stream is not None:
+                    with clock.stage("inception_features"):
+                        feature_stream.add(images)
+                with clock.stage("to_host"):
+                    if images_all is None:
+                        images_all = np.empty((len(indices), images.shape[2], images.shape[3], 3), np.uint8)
+                    images_all[rows] = images.permute(0, 2, 3, 1).cpu().numpy()
+            bits_all[rows] = bits.cpu().numpy()
             progress.advance(task, len(batch_indices))
-    empty_bits = np.zeros((0, generator.num_tokens * generator.bits_per_token), np.uint8)
-    bits_all = np.concatenate(bits_parts) if bits_parts else empty_bits
-    images_all = np.concatenate(image_parts) if image_parts else None
     return bits_all, images_all
 
 
@@ -99,9 +157,14 @@ def generate_options(sampling: DictConfig, allocation: list[int], device: torch.
     }
 
 
-def merge_parts(output: Path, world_size: int, num_samples: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Rank 0: reassemble the rank parts in global sample order."""
+FEATURE_PREFIX = "features/"  # part-file keys of the streamed Inception features, one per layer
+
+
+def merge_parts(output: Path, world_size: int, num_samples: int
+                ) -> tuple[np.ndarray, np.ndarray | None, dict[str, torch.Tensor] | None]:
+    """Rank 0: reassemble the rank parts (bits, images, streamed features) in global sample order."""
     bits = images = None
+    features: dict[str, np.ndarray] = {}
     for rank in range(world_size):
         with np.load(output / f".part_rank{rank}.npz", allow_pickle=False) as part:
             indices = part["indices"]
@@ -112,8 +175,14 @@ def merge_parts(output: Path, world_size: int, num_samples: int) -> tuple[np.nda
             bits[indices] = part["bits"]
             if images is not None:
                 images[indices] = part["images"]
+            for key in part.files:
+                if key.startswith(FEATURE_PREFIX):
+                    layer = key[len(FEATURE_PREFIX):]
+                    if layer not in features:
+                        features[layer] = np.zeros((num_samples, part[key].shape[1]), np.float32)
+                    features[layer][indices] = part[key]
         (output / f".part_rank{rank}.npz").unlink()
-    return bits, images
+    return bits, images, ({layer: torch.from_numpy(rows) for layer, rows in features.items()} or None)
 
 
 def save_png_grid_and_files(images: np.ndarray, labels: np.ndarray, folder: Path) -> None:
@@ -186,6 +255,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _evaluate(cfg: DictConfig, *, rank: int, world_size: int, output: Path) -> dict[str, Any]:
+    evaluation_began = time.perf_counter()
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -225,37 +295,82 @@ def _evaluate(cfg: DictConfig, *, rank: int, world_size: int, output: Path) -> d
 
     labels = balanced_labels(classes, cfg.num_samples_per_class)
     indices = shard_indices(len(labels), rank, world_size)
-    log.info("rank %d of %d processes: sampling %d of %d samples", rank, world_size, len(indices), len(labels))
-    bits, images = generate_shard(generator, tokenizer, labels, indices, sampling=cfg.sampling,
-                                  allocation=allocation, batch_size=cfg.batch_size, seed=cfg.seed, device=device)
-    part = {"indices": np.asarray(indices, dtype=np.int64), "bits": bits}
-    if images is not None:
-        part["images"] = images
-    np.savez(output / f".part_rank{rank}.npz", **part)
-    if world_size > 1 and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    if rank != 0:
-        return {}
+    streamed = bool(metric_names) and cfg.metrics.feature_network == "inception"
+    if streamed:
+        # Every check of the metrics request (reference file, resolution, sample counts) before any sampling.
+        from bar_lightning.eval.metrics import check_generation_metrics_request
 
-    bits, images = merge_parts(output, world_size, len(labels))
+        check_generation_metrics_request(
+            sample_shape=(len(labels), tokenizer.image_size, tokenizer.image_size, 3),
+            reference=cfg.metrics.reference if any(n in METRICS_NEEDING_REFERENCE for n in metric_names) else None,
+            inception_weights=cfg.metrics.inception_weights, metrics=metric_names,
+            kid_subset_size=cfg.metrics.kid_subset_size, allow_small_sample=cfg.metrics.allow_small_sample,
+        )
+    feature_stream = None
+    if streamed:
+        from bar_lightning.eval.metrics import InceptionFeatureStream
+
+        feature_stream = InceptionFeatureStream(inception_weights=cfg.metrics.inception_weights, metrics=metric_names,
+                                                device=device)
+    log.info("rank %d of %d processes: sampling %d of %d samples", rank, world_size, len(indices), len(labels))
+    clock = StageClock(device)
+    began = time.perf_counter()
+    bits, images = generate_shard(generator, tokenizer, labels, indices, sampling=cfg.sampling,
+                                  allocation=allocation, batch_size=cfg.batch_size, seed=cfg.seed, device=device,
+                                  feature_stream=feature_stream, clock=clock)
+    features = feature_stream.features() if feature_stream is not None else None
+    clock.add("sampling_loop_wall", time.perf_counter() - began)
+    if world_size > 1:
+        part = {"indices": np.asarray(indices, dtype=np.int64), "bits": bits}
+        if images is not None:
+            part["images"] = images
+        for layer, rows in (features or {}).items():
+            part[FEATURE_PREFIX + layer] = rows.numpy()
+        np.savez(output / f".part_rank{rank}.npz", **part)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        if rank != 0:
+            return {}
+        bits, images, features = merge_parts(output, world_size, len(labels))
+
     label_array = labels.numpy()
-    atomic_write(output / "samples_bits.npz", lambda file: np.savez_compressed(file, bits=bits, labels=label_array))
     result: dict[str, Any] = {"num_samples": len(labels), "num_classes": len(classes),
                               "guidance_scale": float(cfg.sampling.guidance_scale),
                               "temperature": float(cfg.sampling.temperature),
                               "tokens_allocation": list(allocation), "tags": list(cfg.tags)}
-    if images is not None:
-        if cfg.save.npz:
-            from bar_lightning.eval.metrics import save_adm_npz
+    # The files are written by background threads while the metrics are computed (numpy and zlib release the GIL);
+    # metrics.json, the mark of a finished evaluation, is written after both.
+    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="save") as savers:
+        saving: list[Future] = [savers.submit(timed, clock, "saving_bits", atomic_write, output / "samples_bits.npz",
+                                              lambda file: np.savez_compressed(file, bits=bits, labels=label_array))]
+        if images is not None:
+            if cfg.save.npz:
+                from bar_lightning.eval.metrics import save_adm_npz
 
-            save_adm_npz(output / "samples.npz", images)
-        if cfg.save.png:
-            save_png_grid_and_files(images, label_array, output / "samples")
-        if metric_names:
-            result.update(score_images(images, label_array, cfg.metrics, metric_names, device))
+                saving.append(savers.submit(timed, clock, "saving_npz", save_adm_npz, output / "samples.npz", images))
+            if cfg.save.png:
+                saving.append(savers.submit(timed, clock, "saving_png", save_png_grid_and_files, images, label_array,
+                                            output / "samples"))
+            if metric_names:
+                began = time.perf_counter()
+                result.update(score_images(images, label_array, cfg.metrics, metric_names, device,
+                                           sample_features=features))
+                clock.add("statistics_and_reference", time.perf_counter() - began)
+        for future in saving:
+            future.result()  # a failed write stops here, before metrics.json
+    result["timings_s"] = {**clock.seconds(), "total_wall": round(time.perf_counter() - evaluation_began, 3)}
     atomic_write_json(output / "metrics.json", {**result, "provenance": record}, indent=2, sort_keys=True)
-    log.info("metrics: %s", result)
+    log.info("metrics: %s", {key: value for key, value in result.items() if key != "timings_s"})
+    log.info("time by stage (s): %s", result["timings_s"])
     return result
+
+
+def timed(clock: StageClock, name: str, function: Any, *args: Any) -> Any:
+    began = time.perf_counter()
+    try:
+        return function(*args)
+    finally:
+        clock.add(name, time.perf_counter() - began)
 
 
 KNOWN_METRICS = ("fid", "sfid", "isc", "kid", "prc", "class_accuracy", "fid_demo")
@@ -326,8 +441,9 @@ def check_metric_request(metrics: DictConfig, names: list[str], *, num_samples: 
 
 
 def score_images(images: np.ndarray, labels: np.ndarray, metrics: DictConfig, names: list[str],
-                 device: torch.device) -> dict[str, Any]:
-    """Inception metrics with torch-fidelity, or the demo classifier's accuracy and feature distance."""
+                 device: torch.device, *, sample_features: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Inception metrics with torch-fidelity (from the streamed `sample_features` when given), or the demo
+    classifier's accuracy and feature distance."""
     compared = any(name in METRICS_NEEDING_REFERENCE for name in names)
     if metrics.feature_network == "demo_classifier":
         from bar_lightning.eval.demo_classifier import classifier_metrics, features, load_classifier
@@ -343,13 +459,14 @@ def score_images(images: np.ndarray, labels: np.ndarray, metrics: DictConfig, na
             reference_features=reference_features, batch_size=500,
         )
         return {key: float(value) for key, value in values.items()}
-    from bar_lightning.eval.metrics import compute_generation_metrics
+    from bar_lightning.eval.metrics import compute_generation_metrics, metrics_of_sample_features
 
-    return compute_generation_metrics(
-        images, reference=metrics.reference if compared else None, inception_weights=metrics.inception_weights,
-        metrics=tuple(names), batch_size=metrics.batch_size, device=device,
-        kid_subset_size=metrics.kid_subset_size, allow_small_sample=metrics.allow_small_sample,
-    )
+    options = dict(reference=metrics.reference if compared else None, inception_weights=metrics.inception_weights,
+                   metrics=tuple(names), batch_size=metrics.batch_size, device=device,
+                   kid_subset_size=metrics.kid_subset_size, allow_small_sample=metrics.allow_small_sample)
+    if sample_features is not None:
+        return metrics_of_sample_features(sample_features, sample_shape=images.shape, **options)
+    return compute_generation_metrics(images, **options)
 
 
 def uint8_to_model_input(images: np.ndarray) -> torch.Tensor:

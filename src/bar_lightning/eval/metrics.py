@@ -504,6 +504,26 @@ def _extract_features_vetted(
     return {layer: features[layer] for layer in feature_layers}
 
 
+@contextlib.contextmanager
+def _spatial_features_recorded(extractor: Any, recorded: list[torch.Tensor], *, enabled: bool) -> Iterator[None]:
+    """While open, every forward of ``extractor`` appends sFID's spatial features ``float32 [B, 2023]`` (on the
+    device of the network) to ``recorded``."""
+    if not enabled:
+        yield
+        return
+
+    def record_spatial(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        # [B, 192, 17, 17] -> [B, 17 * 17 * 7], flattened in TensorFlow's (height, width, channel) order
+        first_channels = output[:, :SFID_CHANNELS].permute(0, 2, 3, 1)
+        recorded.append(first_channels.reshape(output.shape[0], -1).float())
+
+    handle = extractor.Mixed_6d.branch1x1.register_forward_hook(record_spatial)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _features_of(
     images: np.ndarray, extractor: Any, *, spatial: bool, batch_size: int, cuda: bool, verbose: bool
 ) -> dict[str, torch.Tensor]:
@@ -512,23 +532,62 @@ def _features_of(
     from torch_fidelity.utils import get_featuresdict_from_dataset
 
     recorded: list[torch.Tensor] = []
-
-    def record_spatial(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        # [B, 192, 17, 17] -> [B, 17 * 17 * 7], flattened in TensorFlow's (height, width, channel) order
-        first_channels = output[:, :SFID_CHANNELS].permute(0, 2, 3, 1)
-        recorded.append(first_channels.reshape(output.shape[0], -1).to("cpu", torch.float32))
-
-    handle = extractor.Mixed_6d.branch1x1.register_forward_hook(record_spatial) if spatial else None
-    try:
+    with _spatial_features_recorded(extractor, recorded, enabled=spatial):
         features = get_featuresdict_from_dataset(
             UInt8ImageDataset(images), extractor, batch_size, cuda, save_cpu_ram=True, verbose=verbose
         )
-    finally:
-        if handle is not None:
-            handle.remove()
     if spatial:
-        features[SFID_FEATURE_LAYER] = torch.cat(recorded)
+        features[SFID_FEATURE_LAYER] = torch.cat(recorded).cpu()
     return features
+
+
+def _network_layers(metric_names: Sequence[str]) -> list[str]:
+    """The extractor layers the metrics read (sFID's spatial features come from a hook, not a layer)."""
+    return [FID_FEATURE_LAYER] + ([ISC_FEATURE_LAYER] if "isc" in metric_names else [])
+
+
+class InceptionFeatureStream:
+    """Inception features of image batches as they are made, computed on the device that holds them.
+
+    evaluate.py hands every decoded batch over while it is still on the GPU: the features are ready when sampling
+    ends, and the 50,000 images are never copied back to the device for a second pass. The network, layers and
+    conversion are those of :func:`compute_generation_metrics` (torch-fidelity's ``inception-v3-compat``), so
+    :func:`metrics_of_sample_features` on these features gives its metrics (up to the float rounding of another
+    batch composition).
+    """
+
+    def __init__(self, *, inception_weights: PathLike | None, metrics: Sequence[str],
+                 device: str | torch.device = "cpu", verbose: bool = False) -> None:
+        self.metric_names = _checked_metric_names(metrics)
+        self.device = torch.device(device)
+        weights_path = _load_inception_weights_checked(inception_weights)
+        with _on_device(self.device) as cuda:
+            self.extractor = _create_inception_extractor(weights_path, _network_layers(self.metric_names), cuda=cuda,
+                                                         verbose=verbose)
+        self.spatial = "sfid" in self.metric_names
+        self._parts: dict[str, list[torch.Tensor]] = {}
+        self.num_images = 0
+
+    @torch.no_grad()
+    def add(self, images_uint8: torch.Tensor) -> None:
+        """Features of ``uint8 [B, 3, H, W]`` images (NCHW, as torch-fidelity takes them), kept on the device."""
+        if images_uint8.dtype != torch.uint8 or images_uint8.ndim != 4 or images_uint8.shape[1] != 3:
+            raise ValueError(f"expected uint8 [B, 3, H, W] images, got {images_uint8.dtype} {tuple(images_uint8.shape)}")
+        recorded: list[torch.Tensor] = []
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext(), \
+                _spatial_features_recorded(self.extractor, recorded, enabled=self.spatial):
+            outputs = self.extractor.convert_features_tuple_to_dict(self.extractor(images_uint8.to(self.device)))
+        if self.spatial:
+            outputs[SFID_FEATURE_LAYER] = recorded[0]
+        for layer, value in outputs.items():
+            self._parts.setdefault(layer, []).append(value)
+        self.num_images += images_uint8.shape[0]
+
+    def features(self) -> dict[str, torch.Tensor]:
+        """``{layer: float32 [N, dim]}`` on the CPU, in the order the batches were added."""
+        if not self._parts:
+            raise ValueError("no images were added to the feature stream")
+        return {layer: torch.cat(parts).cpu() for layer, parts in self._parts.items()}
 
 
 def inception_score(logits: torch.Tensor | np.ndarray, *, split_size: int = ISC_SPLIT_SIZE) -> tuple[float, float]:
@@ -771,33 +830,122 @@ def compute_generation_metrics(
     Raises ``FileNotFoundError`` / ``ValueError`` (missing or unsafe weights, too few images, unknown metric,
     resolution mismatch, KID/PRC without reference images) before any feature is computed.
     """
+    sample_images = _load_samples(samples)
+    return _generation_metrics(
+        sample_images, None, sample_shape=sample_images.shape, reference=reference,
+        inception_weights=inception_weights, metrics=metrics, batch_size=batch_size, device=device,
+        kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, isc_split_size=isc_split_size,
+        prc_neighborhood=prc_neighborhood, allow_small_sample=allow_small_sample, seed=seed, verbose=verbose,
+    )
+
+
+def metrics_of_sample_features(
+    sample_features: dict[str, torch.Tensor],
+    *,
+    sample_shape: Sequence[int],
+    reference: PathLike | ImagesLike | tuple[np.ndarray, np.ndarray] | None,
+    inception_weights: PathLike | None,
+    metrics: Sequence[str] = SUPPORTED_METRICS,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    kid_subset_size: int = 1000,
+    kid_subsets: int = 100,
+    isc_split_size: int = ISC_SPLIT_SIZE,
+    prc_neighborhood: int = 3,
+    allow_small_sample: bool = False,
+    seed: int = 2020,
+    verbose: bool = False,
+) -> dict[str, float]:
+    """:func:`compute_generation_metrics` of samples whose features are computed already
+    (:meth:`InceptionFeatureStream.features`); ``sample_shape`` is their image array's ``[N, H, W, 3]``. The
+    reference is handled (and its features extracted) as there."""
+    return _generation_metrics(
+        None, sample_features, sample_shape=tuple(sample_shape), reference=reference,
+        inception_weights=inception_weights, metrics=metrics, batch_size=batch_size, device=device,
+        kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, isc_split_size=isc_split_size,
+        prc_neighborhood=prc_neighborhood, allow_small_sample=allow_small_sample, seed=seed, verbose=verbose,
+    )
+
+
+def check_generation_metrics_request(
+    *,
+    sample_shape: Sequence[int],
+    reference: PathLike | ImagesLike | tuple[np.ndarray, np.ndarray] | None,
+    inception_weights: PathLike | None,
+    metrics: Sequence[str] = SUPPORTED_METRICS,
+    kid_subset_size: int = 1000,
+    prc_neighborhood: int = 3,
+    allow_small_sample: bool = False,
+) -> None:
+    """Every check of :func:`compute_generation_metrics` that needs no image: evaluate.py runs it before sampling,
+    with the shape the samples will have, so that a bad request fails in seconds, not after 50,000 samples."""
+    metric_names = _checked_metric_names(metrics)
+    _load_inception_weights_checked(inception_weights)
+    _validate_request(
+        metric_names=metric_names, sample_shape=tuple(sample_shape), reference=_resolve_reference(reference),
+        kid_subset_size=kid_subset_size, prc_neighborhood=prc_neighborhood, allow_small_sample=allow_small_sample,
+    )
+
+
+def _checked_metric_names(metrics: Sequence[str]) -> tuple[str, ...]:
     metric_names = tuple(dict.fromkeys(metrics))
     unknown = [name for name in metric_names if name not in SUPPORTED_METRICS]
     if unknown or not metric_names:
         raise ValueError(f"metrics={list(metrics)}: choose one or more of {list(SUPPORTED_METRICS)}")
+    return metric_names
+
+
+def _generation_metrics(
+    sample_images: np.ndarray | None,
+    sample_features: dict[str, torch.Tensor] | None,
+    *,
+    sample_shape: tuple[int, ...],
+    reference: Any,
+    inception_weights: PathLike | None,
+    metrics: Sequence[str],
+    batch_size: int,
+    device: str | torch.device,
+    kid_subset_size: int,
+    kid_subsets: int,
+    isc_split_size: int,
+    prc_neighborhood: int,
+    allow_small_sample: bool,
+    seed: int,
+    verbose: bool,
+) -> dict[str, float]:
+    """The metrics of the samples' images, or of their features when these are given."""
+    metric_names = _checked_metric_names(metrics)
     for name, value in (("batch_size", batch_size), ("kid_subset_size", kid_subset_size),
                         ("kid_subsets", kid_subsets), ("isc_split_size", isc_split_size),
                         ("prc_neighborhood", prc_neighborhood)):
         _check_positive_int(value, name=name)
     weights_path = _load_inception_weights_checked(inception_weights)
     resolved_reference = _resolve_reference(reference)
-    sample_images = _load_samples(samples)
     _validate_request(
-        metric_names=metric_names, sample_shape=sample_images.shape, reference=resolved_reference,
+        metric_names=metric_names, sample_shape=sample_shape, reference=resolved_reference,
         kid_subset_size=kid_subset_size, prc_neighborhood=prc_neighborhood, allow_small_sample=allow_small_sample,
     )
+    spatial = "sfid" in metric_names
+    if sample_features is not None:
+        needed = _network_layers(metric_names) + ([SFID_FEATURE_LAYER] if spatial else [])
+        for layer in needed:
+            rows = sample_features[layer].shape[0] if layer in sample_features else None
+            if rows != sample_shape[0]:
+                raise ValueError(f"sample_features[{layer!r}] has {rows} rows for {sample_shape[0]} samples; the "
+                                 f"metrics {list(metric_names)} need the layers {needed} of every sample")
     # One network, one pass per image set for every metric (what torch_fidelity.calculate_metrics does with a
     # single feature extractor), so that FID can come from frechet_distance for both kinds of reference.
     compared = [name for name in metric_names if name in REFERENCE_METRICS]
-    spatial = "sfid" in metric_names
     reference_images = resolved_reference.images
     if reference_images is None and resolved_reference.image_shape is not None and compared:
         reference_images = load_adm_npz(resolved_reference.description)
-    layers = [FID_FEATURE_LAYER] + ([ISC_FEATURE_LAYER] if "isc" in metric_names else [])
+    needs_network = sample_features is None or (reference_images is not None and compared)
     with _on_device(torch.device(device)) as cuda:
-        extractor = _create_inception_extractor(weights_path, layers, cuda=cuda, verbose=verbose)
-        sample_features = _features_of(sample_images, extractor, spatial=spatial, batch_size=batch_size, cuda=cuda,
-                                       verbose=verbose)
+        extractor = (_create_inception_extractor(weights_path, _network_layers(metric_names), cuda=cuda,
+                                                 verbose=verbose) if needs_network else None)
+        if sample_features is None:
+            sample_features = _features_of(sample_images, extractor, spatial=spatial, batch_size=batch_size,
+                                           cuda=cuda, verbose=verbose)
         reference_features = (
             _features_of(reference_images, extractor, spatial=spatial, batch_size=batch_size, cuda=cuda,
                          verbose=verbose)
