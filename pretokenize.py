@@ -1,6 +1,7 @@
 """Pretokenize a dataset: `python pretokenize.py tokenizer.checkpoint=<ckpt> data.shards=<shards> output_dir=<dir>`.
 
-Several processes: `torchrun --nproc_per_node 8 pretokenize.py ...` (inputs are split by rank).
+Several processes: `torchrun --nproc_per_node 8 pretokenize.py ...` (inputs are split by rank). Each process decodes
+its images in `num_workers` DataLoader workers (default auto: its share of the CPU cores; 0: in the process itself).
 """
 
 import hydra

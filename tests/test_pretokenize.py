@@ -122,3 +122,159 @@ def test_adm_center_crop_is_square_and_centred():
     image = Image.fromarray(np.arange(60 * 100 * 3, dtype=np.uint32).reshape(60, 100, 3).astype(np.uint8))
     assert adm_center_crop(image, 32).size == (32, 32)
     assert torch.is_tensor(to_tensor(adm_center_crop(image, 32)))
+
+
+# ------------------------------------------------------------------------------------------------ the pipeline
+
+
+def run_with(tmp_path, checkpoint, *, out: str = "out", **settings):
+    """run_pretokenize into `tmp_path/out` with top-level settings (num_workers, ten_crop) and data keys."""
+    data = {key: settings.pop(key) for key in ("shards", "image_folder") if key in settings}
+    cfg = pretokenize_cfg(tmp_path, checkpoint, **data)
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path / out)
+        for key, value in settings.items():
+            cfg[key] = value
+    return run_pretokenize(cfg)
+
+
+def token_files(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    files = {}
+    for path in sorted((root / "train").rglob("*.npz")):
+        with np.load(path, allow_pickle=False) as saved:
+            files[path.relative_to(root).as_posix()] = (saved["tokens"], saved["tokens_flip"])
+    return files
+
+
+@pytest.mark.parametrize("source", ["shards", "folder_ten_crop"])
+def test_token_files_do_not_depend_on_num_workers(tmp_path, tokenizer_checkpoint, image_sources, caplog, source):
+    folder, shards, images = image_sources
+    inputs = ({"shards": str(shards / "train-{000000..000001}.tar")} if source == "shards" else
+              {"image_folder": str(folder), "ten_crop": True})
+    results = {}
+    for workers in (0, 2):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="bar_lightning.pretokenize"):
+            metadata = run_with(tmp_path, tokenizer_checkpoint, out=f"w{workers}", num_workers=workers, **inputs)
+        assert f"pretokenizing with {workers} DataLoader worker(s)" in caplog.text
+        results[workers] = token_files(tmp_path / f"w{workers}")
+        assert metadata["num_samples"] == len(results[workers]) == (8 if source == "shards" else 30)
+    assert results[0].keys() == results[2].keys()
+    for name, (tokens, tokens_flip) in results[0].items():
+        assert np.array_equal(tokens, results[2][name][0]) and np.array_equal(tokens_flip, results[2][name][1]), name
+    if source == "shards":
+        # Batches of 3 from two workers, the short ones padded: each file is its image encoded alone.
+        tokenizer = TokenizerModule.load_tokenizer(tokenizer_checkpoint)
+        for (kind, key), image in images.items():
+            if kind == "shard":
+                label = int(key.split("_")[1]) % 3
+                tokens, tokens_flip = results[2][f"train/{label:05d}/{key}.npz"]
+                alone = to_tensor(adm_center_crop(image, 16)).unsqueeze(0)
+                assert np.array_equal(tokens, tokenizer.encode_bits(alone)[0].numpy().astype(bool))
+                assert np.array_equal(tokens_flip, tokenizer.encode_bits(alone.flip(-1))[0].numpy().astype(bool))
+
+
+def test_the_pixel_table_gives_the_values_of_to_tensor():
+    from bar_lightning.pretokenize import pixel_table, pixels_to_images
+
+    array = np.arange(256 * 3, dtype=np.uint8).reshape(16, 16, 3)  # every byte value, in each channel
+    images = pixels_to_images(torch.from_numpy(array).unsqueeze(0), pixel_table())
+    assert images.shape == (1, 3, 16, 16) and images.is_contiguous()
+    assert torch.equal(images[0], to_tensor(Image.fromarray(array)))
+
+
+def copy_folder(folder: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(folder, tmp_path / "images"))
+
+
+@pytest.mark.parametrize("bad", ["image", "label"])
+def test_an_error_in_a_worker_is_raised_with_its_type_and_message(tmp_path, tokenizer_checkpoint, image_sources, bad):
+    from bar_lightning.data.images import BadSampleError
+    from bar_lightning.pretokenize import PretokenizeError, WorkerTraceback
+
+    folder, _, _ = image_sources
+    if bad == "image":
+        images = copy_folder(folder, tmp_path)
+        (images / "dog" / "dog1.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+        inputs, error, message = {"image_folder": str(images)}, PretokenizeError, r"dog1\.png does not decode"
+    else:
+        shard = tmp_path / "s-000000.tar"
+        with wds.TarWriter(str(shard)) as writer:
+            buffer = __import__("io").BytesIO()
+            Image.new("RGB", (20, 20)).save(buffer, format="PNG")
+            writer.write({"__key__": "big", "png": buffer.getvalue(), "cls": b"123456"})
+        inputs, error, message = {"shards": str(shard)}, BadSampleError, r"sample 'big' in shard .*s-000000\.tar.*123456"
+    with pytest.raises(error, match=message) as raised:
+        run_with(tmp_path, tokenizer_checkpoint, num_workers=2, **inputs)
+    assert type(raised.value) is error
+    assert isinstance(raised.value.__cause__, WorkerTraceback) and "DataLoader worker" in str(raised.value.__cause__)
+    assert not (tmp_path / "out" / "metadata.json").exists()
+
+
+def test_a_resumed_run_decodes_only_images_without_files(tmp_path, tokenizer_checkpoint, image_sources, monkeypatch):
+    import bar_lightning.pretokenize as pretokenize
+
+    folder, _, _ = image_sources
+    images = copy_folder(folder, tmp_path)
+    out = tmp_path / "out"
+    assert run_with(tmp_path, tokenizer_checkpoint, image_folder=str(images), num_workers=0)["num_samples"] == 6
+    before = {path: path.stat().st_mtime_ns for path in out.rglob("*.npz")}
+    decoded = []
+    decode = pretokenize.decode_image
+    monkeypatch.setattr(pretokenize, "decode_image", lambda path, **kwargs: decoded.append(path) or decode(path,
+                                                                                                             **kwargs))
+    (out / "metadata.json").unlink()  # interrupted before the end: every file is there
+    metadata = run_with(tmp_path, tokenizer_checkpoint, image_folder=str(images), num_workers=0)
+    assert decoded == [] and metadata["num_samples"] == 6  # present files still count as inputs
+    (out / "metadata.json").unlink()
+    (out / "train" / "00001" / "dog2.npz").unlink()
+    assert run_with(tmp_path, tokenizer_checkpoint, image_folder=str(images), num_workers=0)["num_samples"] == 6
+    assert [Path(path).name for path in decoded] == ["dog2.png"]
+    # In workers too: an image whose file exists is not even opened (here it would not decode).
+    (out / "metadata.json").unlink()
+    (images / "cat" / "cat0.png").write_bytes(b"not an image")
+    assert run_with(tmp_path, tokenizer_checkpoint, image_folder=str(images), num_workers=2)["num_samples"] == 6
+    assert {path: path.stat().st_mtime_ns for path in out.rglob("*.npz") if path.name != "dog2.npz"} == {
+        path: mtime for path, mtime in before.items() if path.name != "dog2.npz"}
+
+
+def test_a_failed_write_stops_the_run(tmp_path, tokenizer_checkpoint, image_sources, monkeypatch):
+    import bar_lightning.pretokenize as pretokenize
+
+    folder, _, _ = image_sources
+    write = pretokenize.write_token_npz
+
+    def write_or_fail(path, tokens, tokens_flip):
+        if Path(path).name == "cat2.npz":
+            raise OSError(28, "No space left on device", str(path))
+        return write(path, tokens, tokens_flip)
+
+    monkeypatch.setattr(pretokenize, "write_token_npz", write_or_fail)
+    with pytest.raises(OSError, match=r"No space left on device: '.*cat2\.npz'"):
+        run_with(tmp_path, tokenizer_checkpoint, image_folder=str(folder), num_workers=2)
+    out = tmp_path / "out"
+    assert not (out / "metadata.json").exists() and not (out / "train" / "00000" / "cat2.npz").exists()
+    assert not [path for path in out.rglob("*") if path.name.endswith(".tmp")]  # no partial file left
+
+
+@pytest.mark.parametrize("value", [-1, "two", True, 1.5])
+def test_num_workers_is_a_count_or_auto(tmp_path, tokenizer_checkpoint, value):
+    from bar_lightning.config.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"^num_workers={value!r}: use a count >= 0 \(0 decodes the images in the "
+                                          r"main process\) or auto"):
+        run_with(tmp_path, tokenizer_checkpoint, shards=str(tmp_path / "absent.tar"), num_workers=value)
+    assert not (tmp_path / "out").exists()  # refused before the output folder is taken
+
+
+def test_num_workers_auto_shares_the_cores_between_local_processes(monkeypatch):
+    from bar_lightning.io import default_num_workers
+    from bar_lightning.pretokenize import resolve_num_workers
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert resolve_num_workers("auto") == default_num_workers(1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert resolve_num_workers("auto") == default_num_workers(4)
+    assert resolve_num_workers(0) == 0 and resolve_num_workers(3) == 3
