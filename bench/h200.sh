@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The H200 benchmark session, one device call per part; JSON and logs under $OUT.
-#   bash bench/h200.sh sampling | training | graphs | strategies | final | memory | diagnose | tokenizer | official_tokenizer
+#   bash bench/h200.sh sampling | training | graphs | strategies | final | memory | diagnose | tokenizer |
+#                      official_tokenizer | side_by_side | official_compiled | half
 # Needs the wheels of ../shared/tools/device-wheels.sh in .whl (Hydra, webdataset, torch-fidelity); official_tokenizer
 # also the official requirements (transformers 4.56.1, timm, accelerate and theirs) there and the official code
 # exported to .upstream/bar (bench/official_tokenizer.py says how).
@@ -84,6 +85,35 @@ case "${1:-sampling}" in
     cd bench
     timeout 420 python3 tokenizer_training.py --phases generator,gan --variants eager,compile \
       --out "$OUT/tokenizer_training.json" 2>&1 | quiet | tail -12
+    ;;
+  side_by_side)
+    # Issue 16 call A: ours (eager, both phases) and the official step eager (both phases) on the same card, then
+    # ours compiled (generator phase). Inner limits add up to 550 s.
+    cd bench
+    timeout 100 python3 tokenizer_training.py --phases generator,gan --variants eager \
+      --out "$OUT/tokenizer_training_eager.json" 2>&1 | quiet | tail -6
+    for phase in generator gan; do
+      timeout 110 python3 official_tokenizer.py --phase $phase --eager --out "$OUT/official_tokenizer_eager_$phase.json" \
+        2>&1 | quiet | tail -3
+    done
+    timeout 230 python3 tokenizer_training.py --phases generator --variants compile \
+      --out "$OUT/tokenizer_training_compile.json" 2>&1 | quiet | tail -4
+    ;;
+  official_compiled)
+    # Issue 16 call B: the official step as its recipe runs it (compile_model: true): its compilation needs most
+    # of a call.
+    cd bench
+    timeout 560 python3 official_tokenizer.py --phase generator --out "$OUT/official_tokenizer_compiled_generator.json" \
+      2>&1 | quiet | tail -5
+    ;;
+  half)
+    # Issue 16 call C: the tokenizer GPU tests, time to FID (evaluate.py, BAR-B fp32, 5,000 samples, every metric),
+    # pretokenization from JPEG shards against the encoder alone. Inner limits add up to 560 s.
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_tokenizer.py 2>&1 | tail -6 | tee "$OUT/gpu_tokenizer_tests.log"
+    cd bench
+    timeout 230 python3 evaluation.py --per-class 5 --out "$OUT/evaluation_bar_b_fp32.json" 2>&1 | quiet | tail -6
+    timeout 180 python3 pretokenize.py --images 2000 --batch 64 --variants center:auto,ten_crop:auto \
+      --out "$OUT/pretokenize.json" 2>&1 | quiet | tail -12
     ;;
   official_tokenizer)
     # The official tokenizer step (its compile_model: true), both phases, on the same card.
