@@ -25,7 +25,9 @@ def load_yaml_config(path: str | os.PathLike, *, key: str) -> dict[str, Any]:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{key}={path} does not exist (the official yaml of that model)")
+        from bar_lightning.weights import fetch_hint
+
+        raise FileNotFoundError(f"{key}={path} does not exist (the official yaml of that model).{fetch_hint(path)}")
     try:
         config = OmegaConf.load(path)
     except Exception as error:  # yaml's scanner and parser errors have many types
@@ -73,7 +75,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+        from bar_lightning.weights import fetch_hint
+
+        raise FileNotFoundError(f"checkpoint file not found: {path}.{fetch_hint(path)}")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

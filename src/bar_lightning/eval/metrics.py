@@ -106,11 +106,18 @@ def check_weights_file(path: PathLike | None, *, what: str, needed_by: str) -> P
     ``torch.load(..., weights_only=True)`` refuses it: such a file needs arbitrary code to unpickle (a pickled
     object other than tensors and containers) or is not a torch checkpoint at all.
     """
+    from bar_lightning.weights import fetch_hint
+
     if path is None or str(path) == "":
-        raise FileNotFoundError(f"no {what} given: {needed_by} needs it; pass the path of a local copy")
+        raise FileNotFoundError(
+            f"no {what} given: {needed_by} needs it; pass the path of a local copy.{fetch_hint(None, mentioned=what)}"
+        )
     weights_path = Path(path).expanduser()
     if not weights_path.is_file():
-        raise FileNotFoundError(f"{what} not found at {weights_path}: {needed_by} needs it; pass the path of a local copy")
+        raise FileNotFoundError(
+            f"{what} not found at {weights_path}: {needed_by} needs it; pass the path of a local copy."
+            f"{fetch_hint(weights_path)}"
+        )
     try:
         torch.load(weights_path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

@@ -1,8 +1,8 @@
 """Local pretrained weights for the tokenizer's losses and discriminator, and how frozen networks are held.
 
 Nothing here downloads: every network is built without weights and filled from a file the user supplies, and a
-missing file is reported at construction time together with the loss that needs it and how to switch that loss
-off.
+missing file is reported at construction time together with the loss that needs it, how to switch that loss off
+and the `python -m bar_lightning.weights fetch NAME` command that downloads and checks it.
 
 Frozen networks (VGG16, ConvNeXt-S, the DINO backbone) are held by `ModuleWithFrozenNetworks` in a plain dict
 instead of as submodules. Keeping them out of the module tree is what keeps them out of `state_dict()` (checkpoints
@@ -48,17 +48,20 @@ def require_weights(path: str | Path | None, *, what: str, needed_by: str) -> Pa
             (vgg16-397923af.pth)".
         needed_by: the loss (and config key) that needs it, e.g. "the Gram loss (gram_weight=10.0)".
     """
+    from bar_lightning.weights import fetch_hint
+
     disable_hint = "or set that loss's weight to 0 to disable it (then no file is needed)"
     if path is None or str(path) == "":
         raise FileNotFoundError(
             f"No path was given for the {what}; they are needed by {needed_by}. Pass the path of a local copy "
-            f"(nothing is downloaded at run time), {disable_hint}."
+            f"(nothing is downloaded at run time), {disable_hint}.{fetch_hint(None, mentioned=what)}"
         )
     weights_path = Path(path).expanduser()
     if not weights_path.is_file():
         raise FileNotFoundError(
             f"The {what} were not found at '{weights_path}'; they are needed by {needed_by}. Copy the file there "
             f"or pass its actual path (nothing is downloaded at run time), {disable_hint}."
+            f"{fetch_hint(weights_path)}"
         )
     return weights_path
 

@@ -322,7 +322,9 @@ class SigLIP2Encoder(nn.Module):
 
 def _read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise FileNotFoundError(f"SigLIP2 checkpoint file not found: {path}")
+        from bar_lightning.weights import fetch_hint
+
+        raise FileNotFoundError(f"SigLIP2 checkpoint file not found: {path}.{fetch_hint(path)}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
