@@ -68,3 +68,11 @@ def generator_checkpoint(tmp_path_factory) -> Path:
     """A tiny generator trained for 2 steps by train.py (for the checkpoint-kind and provenance probes)."""
     return train_tiny(tmp_path_factory.mktemp("gen"), "experiment=tiny_generator", "trainer.max_steps=2",
                       "data.val_num_samples=0")
+
+
+@pytest.fixture(scope="session")
+def generator_of_tiny_tokenizer(tmp_path_factory) -> Path:
+    """A tiny generator of the tiny tokenizer's 6-bit tokens (2 training steps): a pair that decodes to images
+    (evaluation and the sampler page)."""
+    return train_tiny(tmp_path_factory.mktemp("gen6"), "experiment=tiny_generator", "model.bits_per_token=6",
+                      "sampling.tokens_allocation=[2,2,2]", "trainer.max_steps=2", "data.val_num_samples=0")

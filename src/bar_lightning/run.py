@@ -16,9 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 from bar_lightning.config.derive import command_line_overrides, derive_generator_settings
 from bar_lightning.config.history import record_config
 from bar_lightning.config.printing import print_config_tree
-from bar_lightning.config.schema import ConfigError, validate_train_config
+from bar_lightning.config.schema import ConfigError, check_preview_files, validate_train_config
+from bar_lightning.console import quiet_known_noise
 from bar_lightning.io import available_cpus, default_num_workers, remove_stale_temporaries
-from bar_lightning.lightning.callbacks import GlobalBatchMonitor
+from bar_lightning.lightning.callbacks import GlobalBatchMonitor, RunProvenanceLog
 from bar_lightning.lightning.checkpointing import (
     CHECKPOINT_KINDS,
     LAST_CHECKPOINT_NAME,
@@ -66,7 +67,8 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
     Checkpoints are written atomically and read without running code (`AtomicCheckpointIO`), carry the global
     random states of every rank (`RandomStateCheckpoint`, which also gives each rank its own streams), `last.ckpt`
     holds the final step when training ends (`FinalCheckpoint`), the effective global batch and the sample
-    throughput are logged (`GlobalBatchMonitor`), and a preemption signal saves `last.ckpt` at the next step boundary
+    throughput are logged (`GlobalBatchMonitor`), the resolved config and the git commit go to every logger
+    (`RunProvenanceLog`), and a preemption signal saves `last.ckpt` at the next step boundary
     (`PreemptionCheckpoint`, last in the list so every other callback has finished the step).
     """
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -94,6 +96,8 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
         from lightning.pytorch.callbacks import LearningRateMonitor
 
         callbacks = [callback for callback in callbacks if not isinstance(callback, LearningRateMonitor)]
+    else:
+        callbacks.append(RunProvenanceLog(OmegaConf.to_container(cfg, resolve=True)))
     callbacks.append(RandomStateCheckpoint(seed=cfg.seed))
     callbacks.append(RunIdentity(run_identity(cfg)))
     callbacks.append(GlobalBatchMonitor(per_process_batch_size=cfg.data.batch_size))
@@ -281,8 +285,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     The run directory is held by this process for the whole run (`run.lock`): a second train.py started in it stops
     at once naming this one. Temporary files left by a killed save are removed first.
     """
+    quiet_known_noise()
     cfg = validate_train_config(derive_generator_settings(cfg, command_line_overrides()))
     check_model_fits_the_machine(cfg)
+    check_preview_files(cfg.preview)
     if cfg.print_config:
         print_config_tree(cfg)
     output_dir = Path(cfg.paths.output_dir).resolve()

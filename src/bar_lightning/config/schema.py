@@ -70,14 +70,15 @@ class GeneratorTrainingConfig:
     randomness_anneal_start: int = 125_000
     randomness_anneal_end: int = 187_500
     # torch.compile the training forward/backward. None: on for CUDA devices (one GPU or DDP; 2.3x faster and 40%
-    # less memory for BAR-B on an H200, docs/benchmarks.md), off on CPU (compilation outlasts short runs) and under
-    # FSDP (not run compiled yet); true / false force it.
+    # less memory for BAR-B on an H200: 227.1 -> 532.2 img/s, 82.3 -> 49.65 GiB, docs/benchmarks.md, Training), off
+    # on CPU (compilation outlasts short runs) and under FSDP (not run compiled yet); true / false force it.
     compile: bool | None = None
     # torch.compile mode of the training forward/backward: "default", "reduce-overhead" (forward and backward
-    # replayed as CUDA graphs: 3% faster and 1.3 GiB less for BAR-B on an H200) or "max-autotune-no-cudagraphs"
-    # (Triton GEMM autotuning: minutes more compilation). None: "reduce-overhead" for a one-device run without
-    # gradient accumulation (a replay would overwrite the accumulated gradients), otherwise "default" (also under
-    # DDP, where CUDA graphs with DDP's gradient hooks are not tested yet, and when compile_options are given).
+    # replayed as CUDA graphs: 3% faster and 1.3 GiB less for BAR-B on an H200, docs/benchmarks.md, Training) or
+    # "max-autotune-no-cudagraphs" (Triton GEMM autotuning: minutes more compilation). None: "reduce-overhead" for
+    # a one-device run without gradient accumulation (a replay would overwrite the accumulated gradients), otherwise
+    # "default" (also under DDP, where CUDA graphs with DDP's gradient hooks are not tested yet, and when
+    # compile_options are given).
     compile_mode: str | None = None
     # Inductor options for that compilation (names: torch._inductor.list_options(); on the command line
     # `+training.compile_options.cpp_wrapper=true`). torch takes these or a compile_mode other than "default".
@@ -199,6 +200,78 @@ def check_preemption(preemption: DictConfig) -> None:
 
 
 @dataclass
+class ModelSourceConfig:
+    """A network for evaluate.py (and train.py's preview tokenizer): a checkpoint of this project, or released
+    weights with their official yaml."""
+
+    checkpoint: str | None = None
+    upstream_weights: str | None = None
+    upstream_config: str | None = None
+
+
+@dataclass
+class PreviewConfig:
+    """What the training previews are decoded with. `tokenizer`: the keys of evaluate.py's `tokenizer.*` (a
+    tokenizer checkpoint of this project, or released weights with their yaml); unset, previews are bit maps."""
+
+    tokenizer: ModelSourceConfig = field(default_factory=ModelSourceConfig)
+
+
+def check_preview(merged: DictConfig) -> None:
+    """`preview.tokenizer`: at most one source, released weights with their yaml, and only for generator runs."""
+    tokenizer = merged.preview.tokenizer
+    if not any(tokenizer.values()):
+        return
+    if merged.task != "generator":
+        raise ConfigError(
+            f"preview.tokenizer is set for a {merged.task} run; it decodes the generator's training previews: remove "
+            "it (a tokenizer run validates its own reconstructions)"
+        )
+    if tokenizer.checkpoint and tokenizer.upstream_weights:
+        raise ConfigError("give one of preview.tokenizer.checkpoint or preview.tokenizer.upstream_weights, not both")
+    if tokenizer.upstream_weights and not tokenizer.upstream_config:
+        raise ConfigError(
+            "preview.tokenizer.upstream_weights needs preview.tokenizer.upstream_config=<the official tokenizer yaml>"
+        )
+    if tokenizer.upstream_config and not tokenizer.upstream_weights:
+        raise ConfigError(
+            "preview.tokenizer.upstream_config needs preview.tokenizer.upstream_weights=<the released tokenizer .bin>"
+        )
+
+
+# Loggers whose package is an optional extra: logger class name -> (package to import, how to install it).
+OPTIONAL_LOGGER_PACKAGES = {"WandbLogger": ("wandb", "pip install 'bar_lightning[wandb]'")}
+
+
+def check_loggers(logger: DictConfig) -> None:
+    """Every logger's package is installed: a missing optional one (wandb) stops the run before any work."""
+    import importlib.util
+
+    for name, entry in logger.items():
+        target = entry.get("_target_") if isinstance(entry, DictConfig) else None
+        if not target or target.rsplit(".", 1)[-1] not in OPTIONAL_LOGGER_PACKAGES:
+            continue
+        package, install = OPTIONAL_LOGGER_PACKAGES[target.rsplit(".", 1)[-1]]
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                f"logger.{name} ({target}) needs the {package} package, which is not installed: {install} "
+                "(or choose another logger: logger=tensorboard, csv, none)"
+            )
+
+
+def check_preview_files(preview: DictConfig) -> None:
+    """Every file `preview.tokenizer` names exists: checked when the run starts, not at the first preview."""
+    for key in ("checkpoint", "upstream_weights", "upstream_config"):
+        value = preview.tokenizer.get(key)
+        if value and not Path(value).is_file():
+            raise FileNotFoundError(
+                f"preview.tokenizer.{key}={value} does not exist: the tokenizer that decodes the training previews "
+                "(a tokenizer checkpoint of this project, or released weights with their yaml); fix the path, or "
+                "remove preview.tokenizer to preview bit maps"
+            )
+
+
+@dataclass
 class TrainerConfig:
     """Arguments of `lightning.Trainer` that runs may set."""
 
@@ -257,6 +330,7 @@ class GeneratorTrainConfig:
     data: TokenDataConfig = field(default_factory=TokenDataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
     callbacks: dict[str, Any] = field(default_factory=dict)
     logger: dict[str, Any] = field(default_factory=dict)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -359,6 +433,7 @@ class TokenizerTrainConfig:
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
     callbacks: dict[str, Any] = field(default_factory=dict)
     logger: dict[str, Any] = field(default_factory=dict)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -553,9 +628,20 @@ def validate_train_config(cfg: DictConfig) -> DictConfig:
     task = cfg.get("task", None)
     if task not in SCHEMAS:
         raise ConfigError(f"task={task!r} is unknown; use one of {sorted(SCHEMAS)} (set by the experiment)")
+    preview = cfg.get("preview")
+    preview_tokenizer = preview.get("tokenizer") if isinstance(preview, DictConfig) else None
+    if preview_tokenizer is not None and not isinstance(preview_tokenizer, DictConfig):
+        # OmegaConf's own message for this names neither the key nor the fix.
+        raise ConfigError(
+            f"preview.tokenizer={preview_tokenizer} is not a tokenizer source: give "
+            "preview.tokenizer.checkpoint=<tokenizer .ckpt of this project>, or preview.tokenizer.upstream_weights="
+            "<released .bin> with preview.tokenizer.upstream_config=<its yaml> (the keys of evaluate.py's tokenizer.*)"
+        )
     merged = merge_with_schema(tags_as_list(cfg), SCHEMAS[task])
     check_tags(merged.tags)
     check_preemption(merged.preemption)
+    check_preview(merged)
+    check_loggers(merged.logger)
     check_num_workers(merged.data.get("num_workers"))
     if merged.trainer.max_steps <= 0 and not merged.trainer.fast_dev_run:
         raise ConfigError(
@@ -612,15 +698,6 @@ def validate_train_config(cfg: DictConfig) -> DictConfig:
 
 
 @dataclass
-class ModelSourceConfig:
-    """A network for evaluate.py: a checkpoint of this project, or released weights with their official yaml."""
-
-    checkpoint: str | None = None
-    upstream_weights: str | None = None
-    upstream_config: str | None = None
-
-
-@dataclass
 class SaveConfig:
     npz: bool = True  # ADM-style samples.npz (arr_0: N x H x W x 3 uint8)
     png: bool = False  # one PNG per sample under samples/
@@ -669,9 +746,9 @@ class EvaluateConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
-def validate_evaluate_config(cfg: DictConfig) -> DictConfig:
-    merged = merge_with_schema(tags_as_list(cfg), EvaluateConfig)
-    check_tags(merged.tags)
+def check_model_sources(merged: DictConfig) -> None:
+    """The generator and tokenizer keys of evaluate.py and the sampler page (`ckpt_path` becomes
+    `generator.checkpoint`, in place): exactly one generator source, released weights with their yaml."""
     source = merged.generator
     if merged.ckpt_path:
         # train.py's key for a Lightning checkpoint, accepted here too: from now on it is generator.checkpoint.
@@ -688,19 +765,69 @@ def validate_evaluate_config(cfg: DictConfig) -> DictConfig:
         )
     if source.upstream_weights and not source.upstream_config:
         raise ConfigError("generator.upstream_weights needs generator.upstream_config=<the upstream yaml of that model>")
-    if merged.num_samples_per_class <= 0 or merged.batch_size <= 0:
-        raise ConfigError("num_samples_per_class and batch_size must be positive")
-    # The model-dependent half (tokens_allocation against the bits per step) runs once the generator is loaded.
-    check_sampling_values(merged.sampling)
     tokenizer = merged.tokenizer
     if tokenizer.checkpoint and tokenizer.upstream_weights:
         raise ConfigError("give one of tokenizer.checkpoint or tokenizer.upstream_weights, not both")
     if tokenizer.upstream_weights and not tokenizer.upstream_config:
         raise ConfigError("tokenizer.upstream_weights needs tokenizer.upstream_config=<the official tokenizer yaml>")
+
+
+def validate_evaluate_config(cfg: DictConfig) -> DictConfig:
+    merged = merge_with_schema(tags_as_list(cfg), EvaluateConfig)
+    check_tags(merged.tags)
+    check_model_sources(merged)
+    if merged.num_samples_per_class <= 0 or merged.batch_size <= 0:
+        raise ConfigError("num_samples_per_class and batch_size must be positive")
+    # The model-dependent half (tokens_allocation against the bits per step) runs once the generator is loaded.
+    check_sampling_values(merged.sampling)
     if merged.metrics.feature_network not in ("inception", "demo_classifier"):
         raise ConfigError(
             f"metrics.feature_network={merged.metrics.feature_network!r}: use 'inception' or 'demo_classifier'"
         )
     if merged.speed.enabled and (merged.speed.timed_batches <= 0 or merged.speed.warmup_batches < 0):
         raise ConfigError("speed.timed_batches must be > 0 and speed.warmup_batches >= 0")
+    return merged
+
+
+@dataclass
+class AppConfig:
+    """The sampler page (`python -m bar_lightning.app`): evaluate.py's model and sampling keys, plus the server's."""
+
+    task: str = "app"
+    experiment_name: str = "app"
+    print_config: bool = True
+    seed: int = 0  # the page's initial seed
+    ckpt_path: str | None = None  # the same as generator.checkpoint, as in evaluate.py
+    generator: ModelSourceConfig = field(default_factory=ModelSourceConfig)
+    tokenizer: ModelSourceConfig = field(default_factory=ModelSourceConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    device: str = "auto"
+    float32_matmul_precision: str = "high"
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free port (the log line gives the URL)
+    # Names of the classes in label order (a list, or a classes.json / one-name-per-line file); null: looked up from
+    # the data the generator was trained on, else the page shows class indices.
+    class_names: Any = None
+    max_images: int = 64  # images per request, over every column of a guidance grid
+    max_grid_columns: int = 12
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def validate_app_config(cfg: DictConfig) -> DictConfig:
+    """The sampler page's config: evaluate.py's source and sampling checks, a tokenizer (the page shows images), the
+    server's limits."""
+    merged = merge_with_schema(cfg, AppConfig)
+    check_model_sources(merged)
+    if not (merged.tokenizer.checkpoint or merged.tokenizer.upstream_weights):
+        raise ConfigError(
+            "the sampler page shows images: give tokenizer.checkpoint=<this project's tokenizer .ckpt> or "
+            "tokenizer.upstream_weights=<released .bin> with tokenizer.upstream_config=<its yaml>"
+        )
+    check_sampling_values(merged.sampling)
+    if not 0 <= merged.port <= 65535:
+        raise ConfigError(f"port={merged.port} is not a TCP port; use 1..65535, or 0 for any free port")
+    if merged.max_images <= 0 or merged.max_grid_columns < 2:
+        raise ConfigError(
+            f"max_images={merged.max_images} must be >= 1 and max_grid_columns={merged.max_grid_columns} >= 2"
+        )
     return merged

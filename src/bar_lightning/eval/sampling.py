@@ -60,23 +60,37 @@ def load_generator_from_source(source: DictConfig) -> BARGenerator:
     config = upstream_config(source.upstream_config, key="generator.upstream_config", kwargs_of=generator_kwargs)
     weights = Path(source.upstream_weights)
     if not weights.is_file():
-        raise FileNotFoundError(f"generator.upstream_weights={weights} does not exist (a released bar_*.bin)")
+        from bar_lightning.weights import fetch_hint
+
+        raise FileNotFoundError(
+            f"generator.upstream_weights={weights} does not exist (a released bar_*.bin).{fetch_hint(weights)}"
+        )
     return load_generator(config, weights)
 
 
-def load_tokenizer_from_source(source: DictConfig, *, decode_only: bool) -> torch.nn.Module:
-    """The tokenizer of `tokenizer.checkpoint` (this project, EMA weights) or `tokenizer.upstream_*` (released)."""
+def load_tokenizer_from_source(
+    source: DictConfig, *, decode_only: bool, key_prefix: str = "tokenizer"
+) -> torch.nn.Module:
+    """The tokenizer of `tokenizer.checkpoint` (this project, EMA weights) or `tokenizer.upstream_*` (released).
+
+    `key_prefix` is where the source sits in the config (`preview.tokenizer` in train.py), for error messages.
+    """
     if source.get("checkpoint"):
         from bar_lightning.lightning.tokenizer_module import TokenizerModule
 
-        return TokenizerModule.load_tokenizer(Path(source.checkpoint), use_ema=True, decode_only=decode_only)
+        return TokenizerModule.load_tokenizer(Path(source.checkpoint), use_ema=True, decode_only=decode_only,
+                                              key=f"{key_prefix}.checkpoint")
     from bar_lightning.compat.upstream import load_tokenizer
     from bar_lightning.compat.upstream_tokenizer import tokenizer_kwargs
 
-    config = upstream_config(source.upstream_config, key="tokenizer.upstream_config", kwargs_of=tokenizer_kwargs)
+    config = upstream_config(source.upstream_config, key=f"{key_prefix}.upstream_config", kwargs_of=tokenizer_kwargs)
     weights = Path(source.upstream_weights or "")
     if not weights.is_file():
-        raise FileNotFoundError(f"tokenizer.upstream_weights={weights} does not exist (e.g. bar_fsq_16bits_ft.bin)")
+        from bar_lightning.weights import fetch_hint
+
+        raise FileNotFoundError(
+            f"{key_prefix}.upstream_weights={weights} does not exist (e.g. bar_fsq_16bits_ft.bin).{fetch_hint(weights)}"
+        )
     return load_tokenizer(config, weights, decode_only=decode_only)
 
 

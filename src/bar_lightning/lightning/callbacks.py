@@ -8,7 +8,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,8 @@ import torch
 import torchvision
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.strategies import FSDPStrategy
+
+from bar_lightning.console import format_learning_rate, is_learning_rate_metric
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +52,72 @@ def full_weights(trainer: L.Trainer, module: torch.nn.Module) -> Iterator[None]:
                 setattr(parent, name, child)
 
 
+def log_image_grid(trainer: L.Trainer, tag: str, grid: torch.Tensor, step: int) -> None:
+    """Log a `[3, H, W]` uint8 image grid to every logger of `trainer` that takes images.
+
+    TensorBoard through its writer's `add_image`, wandb through `WandbLogger.log_image` (a `wandb.Image`); loggers
+    without images (CSV) are skipped. uint8, because wandb reads tensors as 0..255 and TensorBoard takes either.
+    """
+    from lightning.pytorch.loggers import WandbLogger  # importable without wandb installed
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=tag, images=[grid], step=step)
+            continue
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            experiment.add_image(tag, grid, global_step=step)
+
+
+def to_uint8_grid(tiles: torch.Tensor, nrow: int, pad_value: float) -> torch.Tensor:
+    """`[B, C, H, W]` tiles in [0, 1] -> one `[3, H', W']` uint8 grid (`torchvision.utils.make_grid`), on the CPU."""
+    grid = torchvision.utils.make_grid(tiles.detach().float().cpu(), nrow=nrow, pad_value=pad_value)
+    return (grid.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+
+
+def check_preview_tokenizer_fits(generator: torch.nn.Module, tokenizer: torch.nn.Module) -> None:
+    """The preview tokenizer must decode the generator's tokens: same token count and bits per token."""
+    if generator.num_tokens != tokenizer.num_tokens or generator.bits_per_token != tokenizer.bits_per_token:
+        raise ValueError(
+            f"preview.tokenizer decodes {tokenizer.num_tokens} tokens of {tokenizer.bits_per_token} bits but this "
+            f"generator makes {generator.num_tokens} tokens of {generator.bits_per_token} bits: give the tokenizer "
+            "the training tokens were made with, or leave preview.tokenizer unset for bit maps"
+        )
+
+
 class GeneratorPreview(L.Callback):
     """Every `every_n_steps` steps, sample one image's bits per class in `classes` and log them.
 
-    The bits are logged as an image grid (one tile per class, one row of tokens per grid row, bits side by side),
-    and their mean as a scalar; a decoded preview needs a tokenizer, which the evaluation path provides.
+    With a `tokenizer` source (`preview.tokenizer`: `checkpoint`, or `upstream_weights` with `upstream_config`, the
+    keys evaluate.py's `tokenizer.*` takes) the bits are decoded and logged as an image grid (`preview/images`, one
+    tile per class); without one they are logged as a grid of bit maps (`preview/bits`: one row of tokens per grid
+    row, bits side by side). Both go to every logger that takes images (`log_image_grid`), and the bits' mean as a
+    scalar. The tokenizer is read and checked against the generator when fitting starts, on global rank 0 (the rank
+    that previews), so a wrong file stops the run before training; it moves to the module's device on the first
+    preview. It is held by this callback, not the module: it is in no checkpoint, and it is never trained (eval mode,
+    no gradients).
     """
 
-    def __init__(self, every_n_steps: int, classes: list[int], seed: int = 1234) -> None:
+    def __init__(
+        self, every_n_steps: int, classes: list[int], seed: int = 1234, tokenizer: Mapping[str, Any] | None = None
+    ) -> None:
         self.every_n_steps = every_n_steps
         self.classes = list(classes)
         self.seed = seed
+        self.tokenizer_source = dict(tokenizer) if tokenizer and any(dict(tokenizer).values()) else None
+        self.tokenizer: torch.nn.Module | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.tokenizer_source is None or self.tokenizer is not None or not trainer.is_global_zero:
+            return
+        from omegaconf import OmegaConf
+
+        from bar_lightning.eval.sampling import load_tokenizer_from_source
+
+        tokenizer = load_tokenizer_from_source(OmegaConf.create(self.tokenizer_source), decode_only=True,
+                                               key_prefix="preview.tokenizer")
+        check_preview_tokenizer_fits(pl_module.generator, tokenizer)
+        self.tokenizer = tokenizer.requires_grad_(False).eval()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -77,15 +134,23 @@ class GeneratorPreview(L.Callback):
             pl_module.eval()
             bits = pl_module.sample(labels, generator=generator)  # [B, L0 * Cb]
             pl_module.train(was_training)
+        pl_module.log("preview/bit_mean", bits.float().mean(), rank_zero_only=True)
+        nrow = min(len(self.classes), 5)
+        if self.tokenizer is not None:
+            log_image_grid(trainer, "preview/images", to_uint8_grid(self.decode(bits), nrow, pad_value=1.0), step)
+            return
         model = pl_module.generator
         side = model.latent_height
         tiles = bits.reshape(len(self.classes), side, side * model.bits_per_token).float()  # [B, H, W*Cb]
-        grid = torchvision.utils.make_grid(tiles.unsqueeze(1), nrow=min(len(self.classes), 5), pad_value=0.5)
-        pl_module.log("preview/bit_mean", bits.float().mean(), rank_zero_only=True)
-        for logger in trainer.loggers:
-            experiment = getattr(logger, "experiment", None)
-            if hasattr(experiment, "add_image"):
-                experiment.add_image("preview/bits", grid, global_step=step)
+        log_image_grid(trainer, "preview/bits", to_uint8_grid(tiles.unsqueeze(1), nrow, pad_value=0.5), step)
+
+    @torch.no_grad()
+    def decode(self, bits: torch.Tensor) -> torch.Tensor:
+        """Bits `[B, L0 * Cb]` -> images `[B, 3, H, W]` in [0, 1], decoded on the bits' device."""
+        if next(self.tokenizer.parameters()).device != bits.device:
+            self.tokenizer.to(bits.device)
+        images = self.tokenizer.decode_bits(bits)  # [-1, 1], unclamped
+        return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
 class BatchKeyLog(L.Callback):
@@ -157,12 +222,51 @@ class GlobalBatchMonitor(L.Callback):
         self._last_step, self._last_time = step, now
 
 
+class RunProvenanceLog(L.Callback):
+    """What made this run, logged once to every logger when training starts: the resolved config and the code.
+
+    `config` (the validated, resolved config) and `code` (`provenance.code_version()`: package version, git commit,
+    whether tracked files were modified; the record metrics.json and metadata.json carry) go in as hyper-parameters:
+    wandb's run config, TensorBoard's hparams, the CSV logger's hparams.yaml. TensorBoard also gets both as text
+    (`run/config`, `run/code`), readable where its hparams table flattens a config into hundreds of columns.
+    Global rank 0 only (loggers write there; the git query is not repeated on every rank).
+    """
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = dict(config)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or not trainer.loggers:
+            return
+        from omegaconf import OmegaConf
+
+        from bar_lightning.provenance import code_version
+
+        code = code_version()
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": self.config, "code": code})
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_text"):  # TensorBoard; indented lines are a code block in its Markdown
+                for tag, record in (("run/config", self.config), ("run/code", code)):
+                    text = OmegaConf.to_yaml(OmegaConf.create(record))
+                    experiment.add_text(tag, "\n".join("    " + line for line in text.splitlines()),
+                                        global_step=trainer.global_step)
+
+
 class StepProgressBar(RichProgressBar):
     """Lightning's rich progress bar, titled for step-based runs: "Epoch 3 · 1250/250000 steps".
 
     The recipes stop at `trainer.max_steps` with `max_epochs=-1`, which the stock title shows as "Epoch 3/-2";
     the optimiser step in the title follows every batch.
     """
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float | dict]:
+        """Lightning's metrics, learning rates as `3.0e-04` (the bar rounds floats to 3 decimals: 3e-4 shows 0.0)."""
+        metrics = super().get_metrics(trainer, pl_module)
+        return {
+            name: format_learning_rate(value) if is_learning_rate_metric(name) and isinstance(value, float) else value
+            for name, value in metrics.items()
+        }
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
         super().on_train_batch_end(trainer, *args, **kwargs)

@@ -58,18 +58,23 @@ def fused_adamw_wanted(module: L.LightningModule, setting: bool | None) -> bool:
     return module.device.type == "cuda" and precision != "16-mixed"
 
 
-def clip_gradient_norm(module: L.LightningModule, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+def clip_gradient_norm(
+    module: L.LightningModule, optimizer: torch.optim.Optimizer, max_norm: float
+) -> torch.Tensor | None:
     """Clip the global gradient norm of `optimizer`'s parameters ourselves: Lightning refuses to clip for a fused
     AdamW under bf16 autocast (it assumes the optimiser unscales fp16 gradients) and for FSDP; FSDP computes the norm
-    over all shards. Under 16-mixed Lightning's own clipping unscales first."""
+    over all shards. Under 16-mixed Lightning's own clipping unscales first.
+
+    Returns the global L2 norm of the gradients before clipping, the one the clipping computed (a device tensor, no
+    host read), or None under 16-mixed, where Lightning's clipping does not return it.
+    """
     if str(module.trainer.precision) == "16-mixed":
         module.clip_gradients(optimizer, max_norm, "norm")
-        return
+        return None
     model = module.trainer.model
     if hasattr(model, "clip_grad_norm_"):  # FullyShardedDataParallel
-        model.clip_grad_norm_(max_norm)
-    else:
-        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm)
+        return model.clip_grad_norm_(max_norm)
+    return torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm)
 
 
 def parameter_groups(
@@ -318,13 +323,20 @@ class GeneratorModule(L.LightningModule):
         gradient_clip_algorithm: str | None = None,
     ) -> None:
         """The global gradient norm by `clip_gradient_norm` (Lightning refuses to clip for a fused AdamW under bf16
-        autocast and for FSDP); other algorithms by Lightning."""
+        autocast and for FSDP); other algorithms by Lightning.
+
+        The norm the clipping computed (before clipping) is logged as `train/grad_norm`, once per optimiser step: it
+        is not computed a second time, so it is logged only where gradients are clipped by norm (the recipes' default,
+        `trainer.gradient_clip_val=1.0`) and not under 16-mixed.
+        """
         if not gradient_clip_val:
             return
         if gradient_clip_algorithm not in (None, "norm"):
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
-        clip_gradient_norm(self, optimizer, gradient_clip_val)
+        norm = clip_gradient_norm(self, optimizer, gradient_clip_val)
+        if norm is not None:
+            self.log("train/grad_norm", norm)
 
     # ----------------------------------------------------------------- state
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -480,8 +480,8 @@ class BARGenerator(nn.Module):
                 which dispatches to cuDNN). "triton" (the default where Triton is installed): one kernel with an
                 online softmax that streams K and V once (`bar_lightning.ops.decode_attention`), at the bandwidth
                 floor on an H200; "reductions" (the default without Triton): two compiled reductions with a dynamic
-                cache length, ~3x slower; "sdpa": PyTorch's SDPA, whose float32 kernel pads the single query to a
-                64-row tile (5x the floor).
+                cache length, ~3x the floor; "sdpa": PyTorch's SDPA, whose float32 kernel pads the single query to
+                a 64-row tile (5x the floor; docs/benchmarks.md, Sampling, items 4 and 6).
             align_head: run the MBM head's MLPs (odd hidden width 5461) on zero-padded aligned weight copies made
                 once per batch (see `SwiGLU.aligned_weights`).
             values_length_major: with "reductions", store the cached values length-major so that both reductions
