@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test test-full lint demo clean
+.PHONY: help install test test-full test-app lint demo app clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -23,11 +23,19 @@ test: install  ## fast test suite (parity, configs, sampling, a tiny fit); a few
 test-full: install  ## every test, including the full-size BAR-B step on CPU
 	$(PY) -m pytest -q
 
+test-app: install  ## the sampler page's tests with the browser (needs: apt-get install -y chromium chromium-driver)
+	$(PY) -m pytest -q tests/test_app.py tests/test_app_browser.py
+
 lint: install  ## ruff
 	$(VENV)/bin/ruff check .
 
 demo: install  ## the main job: BAR end to end on Fashion-MNIST offline (CPU); results in outputs/demo
 	$(PY) -m bar_lightning.demo --root .
+
+app: install  ## the sampler page on the demo's checkpoints (after make demo); prints its URL, Ctrl-C stops it
+	@test -f outputs/demo/generator/checkpoints/last.ckpt || { echo "outputs/demo has no checkpoints: run make demo first"; exit 1; }
+	$(PY) -m bar_lightning.app generator.checkpoint=$(CURDIR)/outputs/demo/generator/checkpoints/last.ckpt \
+	    tokenizer.checkpoint=$(CURDIR)/outputs/demo/tokenizer/checkpoints/last.ckpt $(APP_ARGS)
 
 clean:  ## remove outputs of local runs
 	rm -rf outputs multirun
