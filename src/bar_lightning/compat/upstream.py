@@ -28,6 +28,7 @@ from bar_lightning.models.bar import BARGenerator
 from bar_lightning.models.layers import rope_2d_tables
 
 ROPE_BUFFER_SUFFIXES = ("attn.rope.freqs_cos", "attn.rope.freqs_sin")
+MODULE_PREFIX = "generator."  # GeneratorModule's attribute holding the network
 
 
 def generator_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -89,6 +90,10 @@ def import_generator_state_dict(model: BARGenerator, state_dict: Mapping[str, to
     """Upstream keys -> this model's keys, checking names, shapes and the per-block RoPE tables."""
     state_dict = strip_prefixes(state_dict)
     own = model.state_dict()
+    if not set(state_dict) & set(own) and any(key.startswith(MODULE_PREFIX) for key in state_dict):
+        # This project's Lightning checkpoint (<run>/checkpoints/*.ckpt): the network sits under `generator.`.
+        state_dict = {key[len(MODULE_PREFIX):]: value for key, value in state_dict.items()
+                      if key.startswith(MODULE_PREFIX)}
     rope_cos, rope_sin = rope_2d_tables(model.hidden_size // model.num_heads, model.step_grid_side, model.prefix_len)
     converted: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
@@ -123,7 +128,10 @@ def import_generator_state_dict(model: BARGenerator, state_dict: Mapping[str, to
 
 
 def load_generator(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | str | os.PathLike) -> BARGenerator:
-    """Build a `BARGenerator` from an upstream config and load upstream weights strictly (eval mode, CPU)."""
+    """Build a `BARGenerator` from an upstream config and load upstream weights strictly (eval mode, CPU).
+
+    `state_dict` may also be a checkpoint of this project (`<run>/checkpoints/last.ckpt`): its `generator.` keys are
+    the network's."""
     if isinstance(state_dict, str | os.PathLike):
         state_dict = load_state_dict_file(state_dict)
     with torch.device("meta"):
