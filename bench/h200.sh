@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The H200 benchmark session, one device call per part; JSON and logs under $OUT.
 #   bash bench/h200.sh sampling | training | graphs | strategies | final | memory | diagnose | tokenizer |
-#                      official_tokenizer | side_by_side | official_compiled | half
+#                      official_tokenizer | side_by_side | official_compiled | half | evaluation_batches |
+#                      training_side_by_side
 # Needs the wheels of ../shared/tools/device-wheels.sh in .whl (Hydra, webdataset, torch-fidelity); official_tokenizer
 # also the official requirements (transformers 4.56.1, timm, accelerate and theirs) there and the official code
 # exported to .upstream/bar (bench/official_tokenizer.py says how).
@@ -114,6 +115,28 @@ case "${1:-sampling}" in
     timeout 230 python3 evaluation.py --per-class 5 --out "$OUT/evaluation_bar_b_fp32.json" 2>&1 | quiet | tail -6
     timeout 180 python3 pretokenize.py --images 2000 --batch 64 --variants center:auto,ten_crop:auto \
       --out "$OUT/pretokenize.json" 2>&1 | quiet | tail -12
+    ;;
+  evaluation_batches)
+    # Issue 16 item 4: time to FID-50k at larger sampling batches (the first batch, with the compilation, timed on
+    # its own), the statistics stage timed at 50,000 samples, and bf16. Inner limits add up to 570 s.
+    cd bench
+    timeout 230 python3 evaluation.py --per-class 5 --batch 500 --statistics-samples 50000 \
+      --out "$OUT/evaluation_bar_b_fp32_batch500.json" 2>&1 | quiet | tail -5
+    timeout 170 python3 evaluation.py --per-class 5 --batch 250 --out "$OUT/evaluation_bar_b_fp32_batch250.json" \
+      2>&1 | quiet | tail -5
+    timeout 170 python3 evaluation.py --per-class 5 --batch 500 --precision bf16 \
+      --out "$OUT/evaluation_bar_b_bf16_batch500.json" 2>&1 | quiet | tail -5
+    ;;
+  training_side_by_side)
+    # Issue 16 item 6: the default BAR-B step (compiled, CUDA graphs, no host read per step) with its profile, the
+    # official compiled step (bench/official_training.py) in the same call, ours again (warm compile cache) for the
+    # spread, then Inductor's C++ wrapper if the call has time left. Inner limits add up to 570 s.
+    cd bench
+    timeout 190 python3 training.py --experiments bar_b --variants compile --profile \
+      --out "$OUT/training_bar_b.json" 2>&1 | quiet | tail -30
+    timeout 190 python3 official_training.py --config bar_b --out "$OUT/official_training_bar_b.json" 2>&1 | quiet | tail -2
+    timeout 110 python3 training.py --experiments bar_b --variants compile \
+      --out "$OUT/training_bar_b_again.json" 2>&1 | quiet | tail -3
     ;;
   official_tokenizer)
     # The official tokenizer step (its compile_model: true), both phases, on the same card.
