@@ -16,6 +16,9 @@ from bar_lightning.eval.aggregate import collect_sweep, main, parse_override, pa
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# draw_plot's figure: 7 x 4.5 inches at 120 dpi; lines take matplotlib's default colours in order.
+PLOT_SIZE = (840, 540)
+MATPLOTLIB_LINE_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44)]
 
 
 def make_job(
@@ -45,10 +48,16 @@ def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         return list(reader.fieldnames or []), list(reader)
 
 
-def assert_png(path: Path) -> None:
+def assert_png(path: Path, *, lines: int = 1) -> None:
+    """A PNG drawn by matplotlib: the figure's size in pixels and the colour of each of its first ``lines`` lines."""
     assert path.read_bytes()[:8] == PNG_SIGNATURE
     with Image.open(path) as image:
         image.verify()
+    with Image.open(path) as image:
+        assert image.info.get("Software", "").startswith("Matplotlib")
+        assert image.size == PLOT_SIZE
+        colours = {colour for _, colour in image.convert("RGB").getcolors(maxcolors=PLOT_SIZE[0] * PLOT_SIZE[1])}
+    assert set(MATPLOTLIB_LINE_COLOURS[:lines]) <= colours  # the filled markers of every line
 
 
 @pytest.fixture()
@@ -163,8 +172,8 @@ def test_groups_metric_selection_and_config_fallback(tmp_path, capsys):
     assert [(row["sampling.tokens_allocation"], row["sampling.guidance_scale"]) for row in rows] == [
         ("[2, 2, 5, 7]", "1.0"), ("[2, 2, 5, 7]", "2.0"), ("[4, 4, 4, 4]", "1.0"), ("[4, 4, 4, 4]", "2.0"),
     ]
-    assert_png(out / "fid_vs_sampling.guidance_scale.png")
-    assert_png(out / "kid_vs_sampling.guidance_scale.png")
+    assert_png(out / "fid_vs_sampling.guidance_scale.png", lines=2)  # one line per tokens_allocation
+    assert_png(out / "kid_vs_sampling.guidance_scale.png", lines=2)
     assert not (sweep / "summary.csv").exists()
 
     # A key that no job overrides is read from .hydra/config.yaml.

@@ -214,7 +214,7 @@ def test_an_error_in_a_worker_is_raised_with_its_type_and_message(tmp_path, toke
 
 
 def test_a_resumed_run_decodes_only_images_without_files(tmp_path, tokenizer_checkpoint, image_sources, monkeypatch):
-    import bar_lightning.pretokenize as pretokenize
+    import bar_lightning.pretokenize_inputs as pretokenize_inputs  # where the image files are decoded
 
     folder, _, _ = image_sources
     images = copy_folder(folder, tmp_path)
@@ -222,9 +222,9 @@ def test_a_resumed_run_decodes_only_images_without_files(tmp_path, tokenizer_che
     assert run_with(tmp_path, tokenizer_checkpoint, image_folder=str(images), num_workers=0)["num_samples"] == 6
     before = {path: path.stat().st_mtime_ns for path in out.rglob("*.npz")}
     decoded = []
-    decode = pretokenize.decode_image
-    monkeypatch.setattr(pretokenize, "decode_image", lambda path, **kwargs: decoded.append(path) or decode(path,
-                                                                                                             **kwargs))
+    decode = pretokenize_inputs.decode_image
+    monkeypatch.setattr(pretokenize_inputs, "decode_image",
+                        lambda path, **kwargs: decoded.append(path) or decode(path, **kwargs))
     (out / "metadata.json").unlink()  # interrupted before the end: every file is there
     metadata = run_with(tmp_path, tokenizer_checkpoint, image_folder=str(images), num_workers=0)
     assert decoded == [] and metadata["num_samples"] == 6  # present files still count as inputs
@@ -241,17 +241,17 @@ def test_a_resumed_run_decodes_only_images_without_files(tmp_path, tokenizer_che
 
 
 def test_a_failed_write_stops_the_run(tmp_path, tokenizer_checkpoint, image_sources, monkeypatch):
-    import bar_lightning.pretokenize as pretokenize
+    import bar_lightning.pretokenize_stages as pretokenize_stages  # where the token files are written
 
     folder, _, _ = image_sources
-    write = pretokenize.write_token_npz
+    write = pretokenize_stages.write_token_npz
 
     def write_or_fail(path, tokens, tokens_flip):
         if Path(path).name == "cat2.npz":
             raise OSError(28, "No space left on device", str(path))
         return write(path, tokens, tokens_flip)
 
-    monkeypatch.setattr(pretokenize, "write_token_npz", write_or_fail)
+    monkeypatch.setattr(pretokenize_stages, "write_token_npz", write_or_fail)
     with pytest.raises(OSError, match=r"No space left on device: '.*cat2\.npz'"):
         run_with(tmp_path, tokenizer_checkpoint, image_folder=str(folder), num_workers=2)
     out = tmp_path / "out"

@@ -31,16 +31,20 @@ a silently reduced set is not comparable.
 
 Randomness of augmentations (crop position, flip) comes from torch's global generator; DataLoader workers get
 distinct torch seeds, and ``lightning.seed_everything(seed, workers=True)`` also makes them differ across ranks.
+
+The parts live in their own modules, whose names are re-exported here: :mod:`bar_lightning.data.skip_policy`
+(bad data: the errors, :class:`SkipCounter`, :class:`SkipPolicy`), :mod:`bar_lightning.data.image_transforms`
+(:func:`build_image_transform`, :func:`build_eval_transform`) and :mod:`bar_lightning.data.shard_samples` (the
+pipeline stages: :func:`samples_of_shard`, :func:`decode_sample`). This module splits the shards and assembles the
+datasets.
 """
 
 from __future__ import annotations
 
 import math
-import multiprocessing
 import random
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from multiprocessing.context import get_spawning_popen
 from typing import Any
 
 import numpy as np
@@ -48,261 +52,49 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import get_worker_info
-from torchvision.transforms import v2
 
-from bar_lightning.data.shards import (
-    CONVERT_HINT,
-    IMAGE_EXTENSIONS,
-    LABEL_EXTENSION,
-    MIN_DEFAULT_MAX_IMAGE_PIXELS,
-    ImageTooLargeError,
-    OversizedMember,
-    Shard,
-    ShardDataError,
-    ShardReadError,
-    decode_image,
-    expand_shards,
-    parse_label,
-    read_shard_samples,
+from bar_lightning.data.image_transforms import build_eval_transform, build_image_transform
+from bar_lightning.data.shard_samples import (
+    _decode_and_transform,
+    _read_shards,
+    decode_sample,
+    samples_of_shard,
+)
+from bar_lightning.data.shards import MIN_DEFAULT_MAX_IMAGE_PIXELS, Shard, ShardDataError, expand_shards
+from bar_lightning.data.skip_policy import (
+    SKIP_REASONS,
+    BadSampleError,
+    BadSampleWarning,
+    SkipCounter,
+    SkipPolicy,
+    SkipRateExceededError,
 )
 
-# Why an item was skipped. "unreadable_shard" and "empty_shard" are one whole shard, the rest one sample.
-SKIP_REASONS = (
-    "unreadable_shard",
-    "empty_shard",
-    "duplicate_key",
-    "missing_image",
-    "missing_label",
-    "bad_label",
-    "undecodable_image",
-    "oversized_image",
-)
-
-# Normalisation to [-1, 1], as BAR's tokenizer expects (upstream: mean = std = 0.5 per channel).
-_NORMALIZE_MEAN = (0.5, 0.5, 0.5)
-_NORMALIZE_STD = (0.5, 0.5, 0.5)
+__all__ = [
+    "SKIP_REASONS",
+    "BadSampleError",
+    "BadSampleWarning",
+    "ImageShardDataset",
+    "ShardDataError",
+    "SizedImageShardDataset",
+    "SkipCounter",
+    "SkipPolicy",
+    "SkipRateExceededError",
+    "SyntheticImages",
+    "build_eval_transform",
+    "build_image_transform",
+    "decode_sample",
+    "expand_shard_pattern",
+    "make_eval_dataset",
+    "make_train_dataset",
+    "samples_of_shard",
+    "samples_per_worker_for_epoch",
+    "shards_for_rank_and_worker",
+]
 
 # Distinct stream tags so that the shard draws and the shuffle buffer never share a random stream.
 _SHARD_STREAM = 0x53484152  # "SHAR"
 _SHUFFLE_STREAM = 0x53485546  # "SHUF"
-
-# --------------------------------------------------------------------------------------------------------------
-# Errors, warnings and the skip counter
-# --------------------------------------------------------------------------------------------------------------
-
-
-class BadSampleError(ShardDataError):
-    """A bad sample or an unreadable shard in a strict pipeline (evaluation, pretokenization)."""
-
-
-class SkipRateExceededError(ShardDataError):
-    """Training skipped a larger fraction of the data than ``max_skip_rate`` allows."""
-
-
-class BadSampleWarning(UserWarning):
-    """A training sample or shard was skipped; the message names the shard and the key."""
-
-
-class SkipCounter:
-    """Counts items seen and skipped (in total and per reason) in memory shared with DataLoader workers.
-
-    The counts live in shared memory that DataLoader workers receive when they start (by fork, spawn or
-    forkserver), so the object in the main process (``datamodule.skip_counter``) shows the skips of all workers
-    of this rank, live, whether there are no workers, persistent ones or ones re-created every epoch. Each
-    process writes only its own row (row 0: the main process, row ``i + 1``: worker ``i``), so no lock is
-    needed; readers sum the rows. Pickling it other than to start a worker (deepcopy, checkpoints) gives a
-    detached copy with the current counts.
-    """
-
-    _SEEN = 0
-    _SKIPPED = 1
-    _FIRST_REASON = 2
-    _FIELDS = _FIRST_REASON + len(SKIP_REASONS)
-
-    def __init__(self, *, max_workers: int = 64) -> None:
-        if not isinstance(max_workers, int) or max_workers < 0:
-            raise ValueError(f"max_workers must be a non-negative integer, got {max_workers!r}")
-        self.max_workers = max_workers
-        self._counts = multiprocessing.RawArray("q", (max_workers + 1) * self._FIELDS)
-
-    def __getstate__(self) -> dict[str, Any]:
-        if get_spawning_popen() is not None:
-            # Being sent to a new worker process: hand over the shared memory itself.
-            return {"max_workers": self.max_workers, "shared_counts": self._counts}
-        return {"max_workers": self.max_workers, "count_values": list(self._counts)}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.max_workers = state["max_workers"]
-        if "shared_counts" in state:
-            self._counts = state["shared_counts"]
-        else:
-            self._counts = multiprocessing.RawArray("q", state["count_values"])
-
-    def _rows(self) -> np.ndarray:
-        return np.frombuffer(self._counts, dtype=np.int64).reshape(self.max_workers + 1, self._FIELDS)
-
-    def _totals(self) -> np.ndarray:
-        return self._rows().sum(axis=0)
-
-    def record(self, *, seen: int = 0, reason: str | None = None) -> tuple[int, int]:
-        """Add ``seen`` items and, with ``reason``, one skipped item; return the new totals ``(seen, skipped)``."""
-        if reason is not None and reason not in SKIP_REASONS:
-            raise ValueError(f"reason must be one of {SKIP_REASONS}, got {reason!r}")
-        info = get_worker_info()
-        row_index = 0 if info is None else info.id + 1
-        if row_index > self.max_workers:
-            raise ValueError(
-                f"SkipCounter(max_workers={self.max_workers}) has no row for DataLoader worker {info.id}; create "
-                f"it with max_workers >= {info.num_workers}"
-            )
-        row = self._rows()[row_index]
-        row[self._SEEN] += seen
-        if reason is not None:
-            row[self._SKIPPED] += 1
-            row[self._FIRST_REASON + SKIP_REASONS.index(reason)] += 1
-        totals = self._totals()
-        return int(totals[self._SEEN]), int(totals[self._SKIPPED])
-
-    def reset(self) -> None:
-        self._rows()[:] = 0
-
-    @property
-    def seen(self) -> int:
-        """Samples read (valid or not) plus unreadable shards."""
-        return int(self._totals()[self._SEEN])
-
-    @property
-    def skipped(self) -> int:
-        """Bad samples plus unreadable shards, all skipped."""
-        return int(self._totals()[self._SKIPPED])
-
-    @property
-    def by_reason(self) -> dict[str, int]:
-        """Skips per reason in :data:`SKIP_REASONS`."""
-        totals = self._totals()
-        return {reason: int(totals[self._FIRST_REASON + i]) for i, reason in enumerate(SKIP_REASONS)}
-
-    @property
-    def skip_rate(self) -> float:
-        totals = self._totals()
-        return float(totals[self._SKIPPED] / totals[self._SEEN]) if totals[self._SEEN] else 0.0
-
-    def __repr__(self) -> str:
-        return f"SkipCounter(seen={self.seen}, skipped={self.skipped}, by_reason={self.by_reason})"
-
-
-class SkipPolicy:
-    """What a pipeline does with a bad item: raise (``strict``) or count, warn, skip and watch the skip rate."""
-
-    def __init__(
-        self,
-        *,
-        counter: SkipCounter,
-        strict: bool,
-        max_skip_rate: float = 0.01,
-        min_samples_for_skip_rate: int = 100,
-    ) -> None:
-        if not 0.0 <= max_skip_rate <= 1.0:
-            raise ValueError(f"max_skip_rate must be in [0, 1], got {max_skip_rate}")
-        if min_samples_for_skip_rate < 1:
-            raise ValueError(f"min_samples_for_skip_rate must be >= 1, got {min_samples_for_skip_rate}")
-        self.counter = counter
-        self.strict = strict
-        self.max_skip_rate = max_skip_rate
-        self.min_samples_for_skip_rate = min_samples_for_skip_rate
-
-    def accept(self) -> None:
-        """Count one good-so-far sample."""
-        seen, skipped = self.counter.record(seen=1)
-        self._check_rate(seen, skipped)
-
-    def skip(
-        self, *, reason: str, shard: str, key: str | None, detail: str, already_seen: bool = False
-    ) -> None:
-        """Raise (strict) or count, warn and let the caller drop the item.
-
-        ``already_seen``: the item was counted by :meth:`accept` before (a sample that passed the shard reader and
-        failed decoding), so only the skip is added.
-        """
-        where = f"shard {shard}" if key is None else f"sample {key!r} in shard {shard}"
-        if self.strict:
-            raise BadSampleError(
-                f"{reason}: {where}: {detail}. Evaluation and pretokenization never skip data; fix or re-create "
-                f"this shard ({CONVERT_HINT}) or remove it from the shard list"
-            )
-        seen, skipped = self.counter.record(seen=0 if already_seen else 1, reason=reason)
-        warnings.warn(
-            f"skipping {reason}: {where}: {detail} ({skipped} skipped of {seen} seen)",
-            BadSampleWarning,
-            stacklevel=2,
-        )
-        self._check_rate(seen, skipped)
-
-    def _check_rate(self, seen: int, skipped: int) -> None:
-        if self.strict or seen < self.min_samples_for_skip_rate:
-            return
-        if skipped / seen > self.max_skip_rate:
-            raise SkipRateExceededError(
-                f"skipped {skipped} of {seen} training items ({skipped / seen:.2%}), more than "
-                f"max_skip_rate={self.max_skip_rate:.2%}; skips by reason: {self.counter.by_reason}. The shards "
-                "look broken (see the BadSampleWarning messages for shards and keys): re-create them, or raise "
-                "max_skip_rate if this much loss is acceptable"
-            )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Transforms
-# --------------------------------------------------------------------------------------------------------------
-
-
-class _ToRGB:
-    """Convert a PIL image of any mode (grey, palette, RGBA, ...) to RGB; a class so that it pickles."""
-
-    def __call__(self, image: Image.Image) -> Image.Image:
-        return image if image.mode == "RGB" else image.convert("RGB")
-
-    def __repr__(self) -> str:
-        return "_ToRGB()"
-
-
-def build_image_transform(
-    *, resize_shorter_edge: int, crop_size: int, random_crop: bool, random_flip: bool
-) -> v2.Compose:
-    """PIL image -> float32 tensor [3, crop_size, crop_size] in [-1, 1] (upstream's augmentation).
-
-    Resize the shorter edge to ``resize_shorter_edge`` (bicubic, antialiased), crop ``crop_size`` at a random
-    position or in the centre, optionally flip horizontally. Geometry runs on the PIL image, as upstream does, so
-    the values stay within [0, 255] before scaling.
-    """
-    if not isinstance(crop_size, int) or crop_size <= 0:
-        raise ValueError(f"crop_size must be a positive integer, got {crop_size!r}")
-    if not isinstance(resize_shorter_edge, int) or resize_shorter_edge < crop_size:
-        raise ValueError(
-            f"resize_shorter_edge must be an integer >= crop_size={crop_size} so a full crop fits, got "
-            f"{resize_shorter_edge!r}"
-        )
-    steps: list[Callable[[Any], Any]] = [
-        _ToRGB(),
-        v2.Resize(resize_shorter_edge, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.RandomCrop(crop_size) if random_crop else v2.CenterCrop(crop_size),
-    ]
-    if random_flip:
-        steps.append(v2.RandomHorizontalFlip(p=0.5))
-    steps += [
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(_NORMALIZE_MEAN), std=list(_NORMALIZE_STD)),
-        v2.ToPureTensor(),
-    ]
-    return v2.Compose(steps)
-
-
-def build_eval_transform(*, crop_size: int) -> v2.Compose:
-    """Evaluation transform: shorter edge to ``crop_size``, centre crop, no flip (upstream's eval transform)."""
-    return build_image_transform(
-        resize_shorter_edge=crop_size, crop_size=crop_size, random_crop=False, random_flip=False
-    )
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Shard lists
@@ -350,124 +142,6 @@ def _current_worker() -> tuple[int, int]:
     """(worker_id, num_workers) of the DataLoader worker running this code; (0, 1) in the main process."""
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Pipeline stages
-# --------------------------------------------------------------------------------------------------------------
-
-
-def samples_of_shard(shard: Shard, *, policy: SkipPolicy, max_image_pixels: int) -> Iterator[dict[str, Any]]:
-    """Raw samples of one shard (see :func:`read_shard_samples`), duplicates removed, problems sent to ``policy``.
-
-    A shard that cannot be read to its end is one skip (its samples before the damage are kept); one without any
-    sample is another. A strict policy raises instead.
-    """
-    keys_in_shard: set[str] = set()
-    samples = read_shard_samples(shard, max_image_pixels=max_image_pixels)
-    while True:
-        try:
-            sample = next(samples)
-        except StopIteration:
-            break
-        except ShardReadError as error:
-            policy.skip(reason="unreadable_shard", shard=shard.url, key=None, detail=str(error))
-            return
-        key = sample["__key__"]
-        if key in keys_in_shard:
-            # Kept: the first sample under this key; a repeat would be a second, different "same" image.
-            policy.skip(reason="duplicate_key", shard=shard.url, key=key, detail="the key occurs twice in the shard")
-            continue
-        keys_in_shard.add(key)
-        policy.accept()
-        yield sample
-    if not keys_in_shard:
-        policy.skip(reason="empty_shard", shard=shard.url, key=None, detail="the shard holds no sample")
-
-
-def _read_shards(
-    shard_source: Iterable[Shard],
-    *,
-    policy: SkipPolicy,
-    max_image_pixels: int,
-    max_consecutive_empty_shards: int | None = None,
-) -> Iterator[dict[str, Any]]:
-    """Samples of each shard in turn; ``max_consecutive_empty_shards`` guards an endless (resampled) source.
-
-    Without the guard, resampling a shard set in which no shard holds a sample would loop forever in silence.
-    """
-    consecutive_empty_shards = 0
-    for shard in shard_source:
-        shard_was_empty = True
-        for sample in samples_of_shard(shard, policy=policy, max_image_pixels=max_image_pixels):
-            shard_was_empty = False
-            yield sample
-        consecutive_empty_shards = consecutive_empty_shards + 1 if shard_was_empty else 0
-        if (
-            max_consecutive_empty_shards is not None
-            and consecutive_empty_shards > max_consecutive_empty_shards
-        ):
-            raise ShardDataError(
-                f"{consecutive_empty_shards} shards in a row held no usable sample (last: {shard.url}); the "
-                f"training shards look empty or unreadable; check them or {CONVERT_HINT}"
-            )
-
-
-def _decode_and_transform(
-    samples: Iterable[dict[str, Any]],
-    *,
-    transform: Callable[[Image.Image], torch.Tensor],
-    policy: SkipPolicy,
-    max_image_pixels: int,
-) -> Iterator[dict[str, Any]]:
-    for sample in samples:
-        decoded = decode_sample(sample, policy=policy, max_image_pixels=max_image_pixels)
-        if decoded is not None:
-            image, label = decoded
-            yield {"image": transform(image), "label": label, "key": sample["__key__"]}
-
-
-def decode_sample(
-    sample: dict[str, Any], *, policy: SkipPolicy, max_image_pixels: int
-) -> tuple[Image.Image, int] | None:
-    """``(RGB image, label)`` of a raw sample, or None after reporting why it is bad to ``policy``.
-
-    The one place a shard sample's image and label are decoded: training, evaluation and pretokenization share it.
-    """
-    shard, key = sample["__url__"], sample["__key__"]
-
-    def bad(reason: str, detail: str) -> None:
-        policy.skip(reason=reason, shard=shard, key=key, already_seen=True, detail=detail)
-
-    image_extension = next((ext for ext in IMAGE_EXTENSIONS if sample.get(ext) is not None), None)
-    if image_extension is None:
-        present = sorted(k for k in sample if not k.startswith("__"))
-        bad("missing_image", f"no {'/'.join(IMAGE_EXTENSIONS)} entry (has {present})")
-        return None
-    if sample.get(LABEL_EXTENSION) is None:
-        bad("missing_label", "no cls entry")
-        return None
-    for extension in (image_extension, LABEL_EXTENSION):
-        member = sample[extension]
-        if isinstance(member, OversizedMember):
-            reason = "bad_label" if extension == LABEL_EXTENSION else "oversized_image"
-            bad(reason, f"{extension} is {member.size:,} bytes, over the {member.limit:,} read for it (not read)")
-            return None
-    try:
-        label = parse_label(sample[LABEL_EXTENSION])
-    except ValueError as error:
-        bad("bad_label", str(error))
-        return None
-    try:
-        image = decode_image(sample[image_extension], max_pixels=max_image_pixels)
-    except ImageTooLargeError as error:
-        bad("oversized_image", f"{image_extension} is {error}; raise data.max_image_pixels if such images are wanted")
-        return None
-    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-        bad("undecodable_image", f"{image_extension} does not decode ({type(error).__name__}: {error})")
-        return None
-    return image, label
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Datasets

@@ -15,6 +15,8 @@ override, and still leaks the networks into `parameters()`.
 
 from __future__ import annotations
 
+import os
+import pickle
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -63,6 +65,42 @@ def require_weights(path: str | Path | None, *, what: str, needed_by: str) -> Pa
             f"or pass its actual path (nothing is downloaded at run time), {disable_hint}."
             f"{fetch_hint(weights_path)}"
         )
+    return weights_path
+
+
+def check_weights_file(path: str | os.PathLike[str] | None, *, what: str, needed_by: str) -> Path:
+    """``path`` as a Path after checking that it exists and holds only tensors (no code runs to read it).
+
+    ``what`` describes the file (e.g. the expected file name), ``needed_by`` who needs it (e.g. the config key);
+    both appear in the errors. Raises ``FileNotFoundError`` when the file is missing and ``ValueError`` when
+    ``torch.load(..., weights_only=True)`` refuses it: such a file needs arbitrary code to unpickle (a pickled
+    object other than tensors and containers) or is not a torch checkpoint at all.
+    """
+    from bar_lightning.weights import fetch_hint
+
+    if path is None or str(path) == "":
+        raise FileNotFoundError(
+            f"no {what} given: {needed_by} needs it; pass the path of a local copy.{fetch_hint(None, mentioned=what)}"
+        )
+    weights_path = Path(path).expanduser()
+    if not weights_path.is_file():
+        raise FileNotFoundError(
+            f"{what} not found at {weights_path}: {needed_by} needs it; pass the path of a local copy."
+            f"{fetch_hint(weights_path)}"
+        )
+    try:
+        torch.load(weights_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{weights_path} ({what}, for {needed_by}) is refused: it is not a plain tensor checkpoint, reading it "
+            f"would run arbitrary code ({str(error).splitlines()[0]}). Use the original file, or re-save its state "
+            "dict with torch.save(state_dict) from a trusted source"
+        ) from error
+    except Exception as error:  # zip / pickle format errors: not a torch checkpoint
+        raise ValueError(
+            f"{weights_path} ({what}, for {needed_by}) is not a readable torch checkpoint: "
+            f"{type(error).__name__}: {error}"
+        ) from error
     return weights_path
 
 
