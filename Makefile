@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install the package with its dev tools
 
-test: install  ## fast test suite (parity, configs, sampling, a tiny fit); a few minutes on 2 CPU cores
+test: install  ## the layer contract, then the fast test suite (parity, configs, sampling, a tiny fit); ~10 min on 2 cores
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -m "not slow" -q
 
 test-full: install  ## every test, including the full-size BAR-B step on CPU
@@ -26,8 +27,9 @@ test-full: install  ## every test, including the full-size BAR-B step on CPU
 test-app: install  ## the sampler page's tests with the browser (needs: apt-get install -y chromium chromium-driver)
 	$(PY) -m pytest -q tests/test_app.py tests/test_app_browser.py
 
-lint: install  ## ruff
+lint: install  ## ruff and the layer contract (import-linter, pyproject.toml)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 demo: install  ## the main job: BAR end to end on Fashion-MNIST offline (CPU); results in outputs/demo
 	$(PY) -m bar_lightning.demo --root .

@@ -50,7 +50,7 @@ import bar_lightning.eval.evaluate as evaluate_module
 import bar_lightning.eval.metrics as metrics_module
 from bar_lightning.config.schema import validate_evaluate_config
 from bar_lightning.eval.metrics import save_adm_npz
-from bar_lightning.lightning.tokenizer_module import build_tokenizer
+from bar_lightning.models.registry import build_tokenizer
 
 PER_SAMPLE_STAGES = ("sampling", "decoding", "inception_features", "to_host")
 

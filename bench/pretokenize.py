@@ -60,7 +60,7 @@ from PIL import Image
 
 import bar_lightning.pretokenize as pretokenize
 from bar_lightning.data.convert import encode_image, write_shards
-from bar_lightning.lightning.tokenizer_module import build_tokenizer
+from bar_lightning.models.registry import build_tokenizer
 
 SIZES = [(500, 375), (375, 500), (500, 333), (640, 480), (500, 500), (400, 300), (333, 500), (500, 400)]
 

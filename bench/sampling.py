@@ -228,7 +228,7 @@ def main() -> None:
 
 def time_decoder(model: BARGenerator, labels: torch.Tensor, sampling: Any, args: argparse.Namespace) -> dict:
     """Decode-only images/s of the BAR-FSQ ViT-L decoder (random weights), fp32 and bf16, and end to end."""
-    from bar_lightning.lightning.tokenizer_module import build_tokenizer
+    from bar_lightning.models.registry import build_tokenizer
 
     tokenizer_cfg = compose_experiment("bar_fsq_16bits").model
     if args.decoder_overrides:

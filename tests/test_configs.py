@@ -141,7 +141,7 @@ def test_trainer_configs_compose_and_strategies_instantiate(trainer):
     if trainer == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy
 
-        from bar_lightning.models.bar import Block
+        from bar_lightning.models.bar_blocks import Block
 
         strategy = hydra.utils.instantiate(cfg.trainer.strategy)
         assert isinstance(strategy, FSDPStrategy)

@@ -27,7 +27,7 @@ import pytest
 import torch
 import yaml
 
-from bar_lightning.lightning.generator_module import warmup_cosine
+from bar_lightning.lightning.optimization import warmup_cosine
 from bar_lightning.models.bar import NULL_LABEL
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from bar_lightning.config.schema import validate_train_config
-from bar_lightning.lightning.generator_module import (
-    GeneratorModule,
+from bar_lightning.lightning.generator_module import GeneratorModule
+from bar_lightning.lightning.optimization import (
     parameter_groups,
     random_order_ratio,
     upstream_no_decay,

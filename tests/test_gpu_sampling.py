@@ -108,7 +108,7 @@ def test_bf16_mode_runs_and_stays_close_to_float32(fixture):
 @pytest.mark.parametrize("head_dim", [64, 28])  # BAR's 64, and a dimension that is not a power of two
 @pytest.mark.parametrize("length", [1, 33, 64, 65, 289])
 def test_triton_decode_attention_matches_float64_attention_on_cache_views(length, head_dim):
-    from bar_lightning.models.bar import StaticKVCache, fused_decode_attention
+    from bar_lightning.models.sampler import StaticKVCache, fused_decode_attention
     from bar_lightning.ops.decode_attention import decode_attention
 
     generator = torch.Generator(device="cuda").manual_seed(length)

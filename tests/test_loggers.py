@@ -28,7 +28,7 @@ from bar_lightning.console import (
     quiet_known_noise,
 )
 from bar_lightning.lightning.callbacks import GeneratorPreview, StepProgressBar
-from bar_lightning.lightning.generator_module import clip_gradient_norm
+from bar_lightning.lightning.optimization import clip_gradient_norm
 from bar_lightning.provenance import code_version
 from bar_lightning.run import train
 

@@ -8,16 +8,16 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bar_lightning.models.bar import (
-    NULL_LABEL,
-    BARGenerator,
-    SamplingSettings,
-    StaticKVCache,
-    fused_decode_attention,
-)
+from bar_lightning.models.bar import NULL_LABEL, BARGenerator
 from bar_lightning.models.layers import SwiGLU
 from bar_lightning.models.linear_head import LinearSoftmaxHead
 from bar_lightning.models.mbm_head import MASK_ID, MaskBitModelingHead, validate_tokens_allocation
+from bar_lightning.models.sampler import (
+    SamplingSettings,
+    StaticKVCache,
+    fused_decode_attention,
+    run_sampling_loop,
+)
 
 
 def tiny_generator(patch_size: int = 1, head: str = "mbm", seed: int = 0) -> BARGenerator:
@@ -186,7 +186,7 @@ def test_sampling_loop_never_synchronises_with_the_host(head, random_order):
     allocation = (1, 1, 2) if head == "mbm" else (4,)
     settings = SamplingSettings(3.0, 1.0, allocation, random_order, "fp32")
     with RefuseHostSync():
-        bits = model._generate(torch.tensor([0, 3]), settings, torch.Generator().manual_seed(0), None)
+        bits = run_sampling_loop(model, torch.tensor([0, 3]), settings, torch.Generator().manual_seed(0), None)
     assert bits.shape == (2, 64)
     with pytest.raises(AssertionError, match="host synchronisation"), RefuseHostSync():
         torch.tensor([1, 2]).sum().item()  # the guard itself works
@@ -318,7 +318,7 @@ def test_triton_decode_attention_rejects_inputs_it_does_not_handle():
 
 
 def model_decode_functions(model):
-    from bar_lightning.models.bar import _DECODE_FUNCTIONS
+    from bar_lightning.models.sampler import _DECODE_FUNCTIONS
 
     return _DECODE_FUNCTIONS.get(model)
 
@@ -336,3 +336,50 @@ def test_length_major_value_cache_returns_the_same_views_and_attention():
         assert v1.stride(-2) == 1  # the cache length is the contiguous dimension of the length-major values
         torch.testing.assert_close(fused_decode_attention(q, k1, v1),
                                    torch.nn.functional.scaled_dot_product_attention(q, k0, v0), rtol=1e-5, atol=1e-6)
+
+
+def test_generate_takes_one_settings_object_or_its_keyword_values():
+    model = tiny_generator()
+    settings = SamplingSettings.checked(model, guidance_scale=3.0, temperature=1.0, tokens_allocation=[1, 3])
+    assert settings == SamplingSettings(3.0, 1.0, (1, 3), False, "fp32") and settings.use_cfg
+    by_object = model.generate(torch.tensor([0, 4]), settings, generator=torch.Generator().manual_seed(5))
+    by_values = model.generate(torch.tensor([0, 4]), guidance_scale=3.0, temperature=1.0, tokens_allocation=[1, 3],
+                               generator=torch.Generator().manual_seed(5))
+    assert torch.equal(by_object, by_values)
+    with pytest.raises(TypeError, match="settings or keyword values, not both"):
+        model.generate(torch.tensor([0]), settings, guidance_scale=2.0)
+    # A sampling config or hyper-parameters hold other keys too: only the settings' fields are read.
+    from_config = SamplingSettings.from_values(
+        model, {"guidance_scale": 3.0, "temperature": 1.0, "tokens_allocation": [1, 3], "cuda_graph": True})
+    assert from_config == settings
+    with pytest.raises(ValueError, match="precision='fp16' is not a sampling precision"):
+        SamplingSettings.checked(model, precision="fp16")
+    with pytest.raises(ValueError, match="tokens_allocation"):
+        SamplingSettings.checked(model, tokens_allocation=[1, 1])  # 2 of the step's 4 bits
+
+
+def test_the_guidance_schedule_of_the_settings_is_the_one_the_loop_uses():
+    model = tiny_generator()
+    settings = SamplingSettings.checked(model, guidance_scale=4.0, temperature=0.0, tokens_allocation=[4])
+    trace: dict = {}
+    model.generate(torch.tensor([0]), settings, trace=trace)
+    assert trace["step_cfg_scale"] == [settings.guidance_at(step, model.num_steps) for step in range(model.num_steps)]
+    assert SamplingSettings.checked(model, guidance_scale=0.5).guidance_at(7, 16) == 1.0  # no CFG below 1
+
+
+def test_every_registered_head_has_the_head_interface():
+    import inspect
+
+    from bar_lightning.models.heads import GENERATOR_HEADS, build_generator_head
+
+    interface = ("build", "forward", "sample", "logits", "sampling_allocation", "check_tokens_allocation", "init_non_persistent_buffers",
+                 "zero_init_modulations", "decode_logits", "aligned_mlp_weights")
+    for name, head_class in GENERATOR_HEADS.items():
+        assert all(callable(getattr(head_class, method, None)) for method in interface), name
+        assert "align_matmuls" in inspect.signature(head_class.forward).parameters, name
+        head = build_generator_head(name, bits_per_step=4, width=24, num_layers=1)
+        loss = head(torch.randint(0, 2, (6, 4)), torch.randn(6, 1, 24), torch.Generator().manual_seed(0),
+                    align_matmuls=False)
+        assert loss.dim() == 0 and torch.isfinite(loss)
+    with pytest.raises(ValueError, match=r"head='conv' is not a head; use one of \['linear', 'mbm'\]"):
+        build_generator_head("conv", bits_per_step=4, width=24, num_layers=1)

@@ -35,7 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bar_lightning.config.schema import ConfigError, check_sampling, check_sampling_values
-from bar_lightning.eval.evaluate import check_compatible, generate_options, to_uint8_nchw
+from bar_lightning.eval.evaluate import check_compatible, sampling_settings, to_uint8_nchw, uses_cuda_graph
 from bar_lightning.eval.sampling import load_generator_from_source, load_tokenizer_from_source, resolve_device
 from bar_lightning.models.bar import BARGenerator
 
@@ -209,8 +209,8 @@ class Sampler:
                     sampling = OmegaConf.merge(request.sampling, {"guidance_scale": guidance})
                     mark = time.perf_counter()
                     rng = torch.Generator(device=self.device).manual_seed(request.seed)
-                    bits = self.generator.generate(labels, generator=rng,
-                                                   **generate_options(sampling, request.allocation, self.device))
+                    bits = self.generator.generate(labels, sampling_settings(sampling, request.allocation),
+                                                   generator=rng, cuda_graph=uses_cuda_graph(sampling, self.device))
                     self._synchronize()
                     seconds["sampling"] += time.perf_counter() - mark
                     mark = time.perf_counter()

@@ -108,7 +108,7 @@ def zoo_tokenizers() -> list[Budget]:
     token grid is the model's own, whatever its family computes it from."""
     import torch
 
-    from bar_lightning.lightning.tokenizer_module import TOKENIZER_FAMILIES
+    from bar_lightning.models.registry import TOKENIZER_FAMILIES
 
     budgets = []
     for path in sorted((config_dir() / "model" / "tokenizer").glob("*.yaml")):

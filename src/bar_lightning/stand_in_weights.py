@@ -54,7 +54,7 @@ def siglip2_state(cfg: DictConfig) -> dict[str, torch.Tensor]:
     """The encoder's frozen SigLIP2 branch under the Hugging Face `Siglip2VisionModel` key names."""
     from omegaconf import OmegaConf
 
-    from bar_lightning.lightning.tokenizer_module import build_tokenizer
+    from bar_lightning.models.registry import build_tokenizer
 
     encoder = build_tokenizer(OmegaConf.to_container(cfg.model, resolve=True)).encoder
     renamed = {}

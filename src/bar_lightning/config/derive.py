@@ -212,7 +212,7 @@ def sampling_group(name: str) -> dict[str, Any]:
 def model_sampling_settings(generator_source: DictConfig) -> tuple[dict[str, Any], str] | None:
     """The sampling settings of the generator `generator_source` names, and where they come from; None if unknown."""
     if generator_source.get("checkpoint"):
-        from bar_lightning.lightning.checkpointing import read_module_checkpoint
+        from bar_lightning.checkpoint_files import read_module_checkpoint
 
         checkpoint = read_module_checkpoint(generator_source.checkpoint, expected="generator",
                                             key="generator.checkpoint", mmap=True)

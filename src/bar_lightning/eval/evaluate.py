@@ -34,6 +34,7 @@ from bar_lightning.eval.sampling import (
 )
 from bar_lightning.io import atomic_write, atomic_write_json
 from bar_lightning.models.bar import BARGenerator
+from bar_lightning.models.sampler import SamplingSettings
 from bar_lightning.provenance import model_source_record, provenance
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ def generate_shard(
     into arrays allocated once (50,000 images at 256 px are 9.8 GB).
     """
     clock = clock or StageClock(device)
+    settings, cuda_graph = sampling_settings(sampling, allocation), uses_cuda_graph(sampling, device)
     bits_all = np.zeros((len(indices), generator.num_tokens * generator.bits_per_token), np.uint8)
     images_all = None
     with Progress(disable=not os.environ.get("BAR_PROGRESS", "1") == "1") as progress:
@@ -131,9 +133,8 @@ def generate_shard(
             rows = slice(start, start + len(batch_indices))
             with clock.stage("sampling"):
                 rng = torch.Generator(device=device).manual_seed(seed + batch_indices[0])
-                bits = generator.generate(
-                    labels[batch_indices].to(device), generator=rng, **generate_options(sampling, allocation, device)
-                )
+                bits = generator.generate(labels[batch_indices].to(device), settings, generator=rng,
+                                          cuda_graph=cuda_graph)
             if tokenizer is not None:
                 with clock.stage("decoding"):
                     images = to_uint8_nchw(tokenizer.decode_bits(bits))  # [B, 3, H, W] uint8, on the device
@@ -151,13 +152,16 @@ def generate_shard(
     return bits_all, images_all
 
 
-def generate_options(sampling: DictConfig, allocation: list[int], device: torch.device) -> dict[str, Any]:
-    """`generate` keyword arguments of the `sampling` config (CUDA graphs only exist on GPUs)."""
-    return {
-        "guidance_scale": float(sampling.guidance_scale), "temperature": float(sampling.temperature),
-        "tokens_allocation": allocation, "random_order": bool(sampling.random_order),
-        "cuda_graph": bool(sampling.cuda_graph) and device.type == "cuda", "precision": str(sampling.precision),
-    }
+def sampling_settings(sampling: DictConfig, allocation: list[int]) -> SamplingSettings:
+    """The `SamplingSettings` of a validated `sampling` config, made once per run (or request): `allocation` is the
+    one `check_sampling` returned for the generator's head; every other field is the config key of its name."""
+    values = {name: sampling[name] for name in SamplingSettings._fields if name in sampling}
+    return SamplingSettings(**{**values, "tokens_allocation": tuple(allocation)})
+
+
+def uses_cuda_graph(sampling: DictConfig, device: torch.device) -> bool:
+    """`sampling.cuda_graph` where it can apply: CUDA graphs only exist on GPUs."""
+    return bool(sampling.cuda_graph) and device.type == "cuda"
 
 
 FEATURE_PREFIX = "features/"  # part-file keys of the streamed Inception features, one per layer
@@ -201,10 +205,11 @@ def run_speed_benchmark(generator: BARGenerator, tokenizer: torch.nn.Module | No
     """Images/s after warm-up (the official protocol: warm-up batches excluded, synchronised, slowest rank)."""
     speed = cfg.speed
     labels = torch.arange(cfg.batch_size, device=device) % generator.num_classes
+    settings, cuda_graph = sampling_settings(cfg.sampling, allocation), uses_cuda_graph(cfg.sampling, device)
 
     def one_batch(index: int) -> None:
         rng = torch.Generator(device=device).manual_seed(cfg.seed + index)
-        bits = generator.generate(labels, generator=rng, **generate_options(cfg.sampling, allocation, device))
+        bits = generator.generate(labels, settings, generator=rng, cuda_graph=cuda_graph)
         if tokenizer is not None and speed.include_decoder:
             tokenizer.decode_bits(bits)
 

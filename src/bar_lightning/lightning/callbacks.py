@@ -112,7 +112,7 @@ class GeneratorPreview(L.Callback):
             return
         from omegaconf import OmegaConf
 
-        from bar_lightning.eval.sampling import load_tokenizer_from_source
+        from bar_lightning.lightning.model_sources import load_tokenizer_from_source
 
         tokenizer = load_tokenizer_from_source(OmegaConf.create(self.tokenizer_source), decode_only=True,
                                                key_prefix="preview.tokenizer")

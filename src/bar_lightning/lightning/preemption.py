@@ -31,13 +31,10 @@ from typing import Any, NoReturn
 
 import lightning as L
 
+from bar_lightning.config.schema import PREEMPTION_SIGNALS
+
 log = logging.getLogger(__name__)
 
-# The signals a run can treat as "save and stop": SLURM sends SIGTERM at the time limit and on preemption,
-# `#SBATCH --signal=USR1@<seconds>` sends SIGUSR1 ahead of the limit, and the submitit launcher
-# (hydra/launcher=slurm) asks for SIGUSR2 ahead of it.
-PREEMPTION_SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGUSR1": signal.SIGUSR1, "SIGUSR2": signal.SIGUSR2,
-                      "SIGINT": signal.SIGINT}
 # sysexits.h EX_TEMPFAIL, "temporary failure, try again": distinct from 0 (done) and 1 (an error).
 DEFAULT_PREEMPTION_EXIT_CODE = 75
 INTERRUPT_EXIT_CODE = 128 + signal.SIGINT

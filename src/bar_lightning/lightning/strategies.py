@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from bar_lightning.models.bar import Block
+from bar_lightning.models.bar_blocks import Block
 from bar_lightning.models.linear_head import LinearSoftmaxHead
 from bar_lightning.models.mbm_head import MaskBitModelingHead
 

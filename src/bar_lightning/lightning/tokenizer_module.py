@@ -13,41 +13,19 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from bar_lightning.lightning.ema import EMA
-from bar_lightning.lightning.generator_module import (
+from bar_lightning.lightning.optimization import (
     clip_gradient_norm,
     fused_adamw_wanted,
     upstream_no_decay,
     warmup_cosine,
 )
-from bar_lightning.models.conv_tokenizer import ConvFSQTokenizer
-from bar_lightning.models.discriminator import DinoDiscriminator, PatchDiscriminator
 from bar_lightning.models.losses import (
     TokenizerReconstructionLoss,
     generator_adversarial_loss,
     hinge_d_loss,
     quantize_to_uint8_grid,
 )
-from bar_lightning.models.tokenizer import BarFSQTokenizer
-
-TOKENIZER_FAMILIES = {"bar_fsq": BarFSQTokenizer, "conv": ConvFSQTokenizer}
-DISCRIMINATOR_KINDS = {"dino": DinoDiscriminator, "patch": PatchDiscriminator}
-
-
-def build_tokenizer(config: dict[str, Any], **overrides: Any) -> nn.Module:
-    """`config` = {"family": "bar_fsq" | "conv", **keyword arguments of that class}."""
-    kwargs = {**config, **overrides}
-    family = kwargs.pop("family")
-    if family not in TOKENIZER_FAMILIES:
-        raise ValueError(f"model.family={family!r} is not a tokenizer family; use one of {sorted(TOKENIZER_FAMILIES)}")
-    return TOKENIZER_FAMILIES[family](**kwargs)
-
-
-def build_discriminator(config: dict[str, Any]) -> nn.Module:
-    kwargs = dict(config)
-    kind = kwargs.pop("kind")
-    if kind not in DISCRIMINATOR_KINDS:
-        raise ValueError(f"discriminator.kind={kind!r} is unknown; use one of {sorted(DISCRIMINATOR_KINDS)}")
-    return DISCRIMINATOR_KINDS[kind](**kwargs)
+from bar_lightning.models.registry import TOKENIZER_FAMILIES, build_discriminator, build_tokenizer
 
 
 def bit_entropy(bits: torch.Tensor) -> torch.Tensor:
@@ -232,7 +210,7 @@ class TokenizerModule(L.LightningModule):
         if not hasattr(self, "_fid_metric"):
             from torchmetrics.image.fid import FrechetInceptionDistance
 
-            from bar_lightning.eval.metrics import check_weights_file
+            from bar_lightning.models.pretrained import check_weights_file
 
             # Vetted with weights_only=True first: torchmetrics/torch-fidelity would unpickle it unrestricted.
             weights = check_weights_file(

@@ -40,8 +40,36 @@ class LinearSoftmaxHead(nn.Module):
         self.register_buffer("bit_weights", 2 ** torch.arange(bits_per_step), persistent=False)
         self.reset_parameters()
 
+    max_bits_per_step = MAX_LINEAR_HEAD_BITS
+
+    @classmethod
+    def build(cls, *, bits_per_step: int, width: int, num_layers: int) -> LinearSoftmaxHead:
+        """The head of a generator's settings (`num_layers` is the MBM head's and does not apply here)."""
+        return cls(bits_per_step=bits_per_step, width=width)
+
     def reset_parameters(self) -> None:
         self.apply(init_linear_and_embedding_)
+
+    def init_non_persistent_buffers(self, device: torch.device) -> None:
+        self.bit_weights = 2 ** torch.arange(self.bits_per_step, device=device)
+
+    def zero_init_modulations(self) -> None:
+        """No adaLN modulation in this head."""
+
+    @staticmethod
+    def sampling_allocation(tokens_allocation: Sequence[int], bits_per_step: int) -> list[int]:
+        """All bits of a step are sampled at once: whatever allocation is asked for, it is `[bits_per_step]`."""
+        return [bits_per_step]
+
+    def check_tokens_allocation(self, tokens_allocation: Sequence[int]) -> list[int]:
+        return self.sampling_allocation(tokens_allocation, self.bits_per_step)
+
+    def decode_logits(self) -> None:
+        """The decode step calls `logits` as it is (one small matrix product)."""
+        return None
+
+    def aligned_mlp_weights(self) -> None:
+        return None
 
     def bits_to_codes(self, bits: torch.Tensor) -> torch.Tensor:
         return (bits * self.bit_weights).sum(-1)  # [N]
@@ -53,8 +81,10 @@ class LinearSoftmaxHead(nn.Module):
         return self.output(self.norm(conditions.squeeze(1)))  # [N, 2^C]
 
     def loss(
-        self, target_bits: torch.Tensor, conditions: torch.Tensor, generator: torch.Generator | None = None
+        self, target_bits: torch.Tensor, conditions: torch.Tensor, generator: torch.Generator | None = None,
+        align_matmuls: bool = False,
     ) -> torch.Tensor:
+        """Cross-entropy of the step's code; `align_matmuls` is the MBM head's and does not apply here."""
         logits = self.logits(conditions)
         with torch.autocast(device_type=logits.device.type, enabled=False):
             return F.cross_entropy(logits.float(), self.bits_to_codes(target_bits))

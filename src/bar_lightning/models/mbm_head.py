@@ -108,11 +108,36 @@ class MaskBitModelingHead(nn.Module):
         self.adaln_before_head = FinalAdaLN(width)
         self.reset_parameters()
 
+    max_bits_per_step = None
+
+    @classmethod
+    def build(cls, *, bits_per_step: int, width: int, num_layers: int) -> MaskBitModelingHead:
+        return cls(bits_per_step=bits_per_step, width=width, num_layers=num_layers)
+
     def reset_parameters(self) -> None:
         self.apply(init_linear_and_embedding_)
+        self.zero_init_modulations()
+
+    def zero_init_modulations(self) -> None:
+        """adaLN-Zero: every block starts as the identity."""
         for block in self.transformer:
             zero_init_(block.adaLN_modulation[-1])
         zero_init_(self.adaln_before_head.adaLN_modulation[-1])
+
+    def init_non_persistent_buffers(self, device: torch.device) -> None:
+        """No buffers outside the checkpoint."""
+
+    @staticmethod
+    def sampling_allocation(tokens_allocation: Sequence[int], bits_per_step: int) -> list[int]:
+        """The allocation this head samples a step of `bits_per_step` bits with (`ValueError` naming the fix)."""
+        return validate_tokens_allocation(tokens_allocation, bits_per_step)
+
+    def check_tokens_allocation(self, tokens_allocation: Sequence[int]) -> list[int]:
+        return self.sampling_allocation(tokens_allocation, self.bits_per_step)
+
+    def decode_logits(self) -> Callable[..., torch.Tensor]:
+        """`logits` compiled for the sampler's decode step (static shapes)."""
+        return torch.compile(self.logits, dynamic=False)
 
     def aligned_mlp_weights(self) -> list[AlignedSwiGLUWeights] | None:
         """Padded MLP weights of every block for `logits(..., aligned_mlps=...)` (None if already aligned)."""
@@ -215,7 +240,8 @@ class MaskBitModelingHead(nn.Module):
         Returns:
             `[N, C]` int64 bits in {0, 1}.
         """
-        allocation = validate_tokens_allocation(tokens_allocation, self.bits_per_step)
+        # Validated where the settings were made (the config, `SamplingSettings.checked`): trusted here.
+        allocation = list(tokens_allocation)
         logits_fn = logits_fn or self.logits
         bits = self.bits_per_step
         num_iterations = len(allocation)
