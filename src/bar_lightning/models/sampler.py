@@ -99,7 +99,7 @@ class SamplingSettings(NamedTuple):
     @classmethod
     def from_values(cls, model: BARGenerator, values: Mapping[str, Any], **overrides: Any) -> SamplingSettings:
         """`checked` settings from a mapping that holds them among other keys (a `sampling` config or a
-        checkpoint's hyper-parameters): every field found there is taken, so a new field needs no other code."""
+        checkpoint's hyper-parameters): every field found there is taken, so a new field needs no change in the callers."""
         given = {name: values[name] for name in cls._fields if name in values}
         return cls.checked(model, **{**given, **overrides})
 
