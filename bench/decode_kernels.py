@@ -3,7 +3,8 @@
     python bench/decode_kernels.py --experiment bar_b --batch 256 --out results.json
 
 1. Attention of one new position against a KV cache of length L (the cache slice layout `generate` uses), for every
-   SDPA backend and a plain matmul formulation, float32 and bf16: microseconds per layer call.
+   SDPA backend, a plain matmul formulation and, in float32, the sampler's Triton kernel (`ops/decode_attention.py`),
+   float32 and bf16: microseconds per layer call.
 2. The matrix products of one decode step (backbone and MBM head, M = CFG rows): microseconds and TFLOP/s.
 3. The top kernels of one whole eager batch by device time (torch.profiler), float32 and bf16.
 """
@@ -17,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from common import compose_experiment, machine, median, random_generator_on, write_results
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from bar_lightning.ops.decode_attention import decode_attention, has_triton
 
 
 def device_time_us(call, repeats: int = 20) -> float:
@@ -55,6 +58,8 @@ def attention_candidates(rows: int, heads: int, head_dim: int, max_len: int, len
             with sdpa_kernel([backend]):
                 return F.scaled_dot_product_attention(q, k, v)
         candidates[name] = call
+    if dtype == torch.float32 and has_triton():
+        candidates["triton"] = lambda: decode_attention(q, k, v)
     for name, call in candidates.items():
         try:
             result = call()

@@ -18,11 +18,11 @@ case "${1:-sampling}" in
   sampling)
     timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_sampling.py 2>&1 | tail -8 | tee "$OUT/gpu_tests.log"
     cd bench
-    timeout 260 python3 sampling.py --experiment bar_b --variants graph+compile,graph+compile+reductions_attention,graph+compile+bf16 \
+    timeout 260 python3 sampling.py --experiment bar_b --variants graph+compile,graph+compile+bf16 \
       --profile --profile-variant graph+compile --out "$OUT/sampling_bar_b.json" 2>&1 | quiet | tail -40
-    timeout 100 python3 sampling.py --experiment bar_b_patch2 --variants graph+compile,graph+compile+reductions_attention,graph+compile+bf16 \
+    timeout 100 python3 sampling.py --experiment bar_b_patch2 --variants graph+compile,graph+compile+bf16 \
       --profile --profile-variant graph+compile --out "$OUT/sampling_bar_b_patch2.json" 2>&1 | quiet | tail -36
-    timeout 70 python3 sampling.py --experiment bar_b_patch4 --variants graph+compile,graph+compile+reductions_attention,graph+compile+bf16 \
+    timeout 70 python3 sampling.py --experiment bar_b_patch4 --variants graph+compile,graph+compile+bf16 \
       --out "$OUT/sampling_bar_b_patch4.json" 2>&1 | quiet | tail -5
     ;;
   training)

@@ -39,15 +39,9 @@ VARIANTS = {
     "graph": dict(cuda_graph=True, compile=False, precision="fp32"),
     "graph+compile": dict(cuda_graph=True, compile=True, precision="fp32"),
     "graph+compile+bf16": dict(cuda_graph=True, compile=True, precision="bf16"),
-    # The default path with another fp32 attention, or without the aligned head MLP, to show what each buys.
-    "graph+compile+sdpa_attention": dict(cuda_graph=True, compile=True, precision="fp32", fp32_attention="sdpa"),
-    "graph+compile+reductions_attention": dict(cuda_graph=True, compile=True, precision="fp32",
-                                               fp32_attention="reductions"),
+    # The default path without the aligned head MLP, to show what it buys.
     "graph+compile-align_head": dict(cuda_graph=True, compile=True, precision="fp32", align_head=False),
     "graph+compile+bf16-align_head": dict(cuda_graph=True, compile=True, precision="bf16", align_head=False),
-    # The two-reduction fp32 attention over length-major cached values (a candidate the Triton kernel superseded).
-    "graph+compile+values_length_major": dict(cuda_graph=True, compile=True, precision="fp32",
-                                              fp32_attention="reductions", values_length_major=True),
     "eager+bf16": dict(cuda_graph=False, compile=False, precision="bf16"),
 }
 
@@ -86,9 +80,7 @@ def measure_ceilings() -> dict[str, float]:
 def use_variant(model: BARGenerator, variant: dict) -> None:
     """Set the model's decode functions to the variant's (a fresh compilation per variant)."""
     model.compile_decode(False)
-    model.compile_decode(variant["compile"], fp32_attention=variant.get("fp32_attention"),
-                         align_head=variant.get("align_head", True),
-                         values_length_major=variant.get("values_length_major", False))
+    model.compile_decode(variant["compile"], align_head=variant.get("align_head", True))
 
 
 def generate(model: BARGenerator, labels: torch.Tensor, sampling: Any, seed: int, variant: dict) -> torch.Tensor:

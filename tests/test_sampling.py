@@ -12,12 +12,7 @@ from bar_lightning.models.bar import NULL_LABEL, BARGenerator
 from bar_lightning.models.layers import SwiGLU
 from bar_lightning.models.linear_head import LinearSoftmaxHead
 from bar_lightning.models.mbm_head import MASK_ID, MaskBitModelingHead, validate_tokens_allocation
-from bar_lightning.models.sampler import (
-    SamplingSettings,
-    StaticKVCache,
-    fused_decode_attention,
-    run_sampling_loop,
-)
+from bar_lightning.models.sampler import SamplingSettings, run_sampling_loop
 
 
 def tiny_generator(patch_size: int = 1, head: str = "mbm", seed: int = 0) -> BARGenerator:
@@ -278,14 +273,6 @@ def test_padded_head_mlps_train_with_the_same_loss_and_gradients():
         torch.testing.assert_close(padded_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_fused_decode_attention_equals_sdpa_on_a_cache_slice():
-    cache = torch.randn(2, 4, 3, 20, 16)  # [k/v, rows, heads, max_len, hd]
-    q = torch.randn(4, 3, 1, 16)
-    k, v = cache[0, :, :, :7], cache[1, :, :, :7]
-    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    torch.testing.assert_close(fused_decode_attention(q, k, v), expected, rtol=1e-5, atol=1e-6)
-
-
 def test_compile_decode_is_idempotent_and_switchable():
     model = tiny_generator()
     model.compile_decode()
@@ -298,11 +285,16 @@ def test_compile_decode_is_idempotent_and_switchable():
     assert model_decode_functions(model) is None
 
 
-def test_decode_attention_kernel_choice_is_validated():
+def test_compiled_decode_takes_the_triton_attention_where_triton_is_installed_and_sdpa_elsewhere(monkeypatch):
+    from bar_lightning.ops import decode_attention as kernel
+
     model = tiny_generator()
-    with pytest.raises(ValueError, match="fp32_attention='flash' is not a decode attention"):
-        model.compile_decode(fp32_attention="flash")
-    assert model_decode_functions(model) is None
+    for installed, expected in ((True, kernel.decode_attention), (False, None)):  # None: SDPA
+        monkeypatch.setattr(kernel, "has_triton", lambda installed=installed: installed)
+        model.compile_decode(False)
+        model.compile_decode()
+        assert model_decode_functions(model).fp32_attention is expected
+    model.compile_decode(False)
 
 
 def test_triton_decode_attention_rejects_inputs_it_does_not_handle():
@@ -321,21 +313,6 @@ def model_decode_functions(model):
     from bar_lightning.models.sampler import _DECODE_FUNCTIONS
 
     return _DECODE_FUNCTIONS.get(model)
-
-
-def test_length_major_value_cache_returns_the_same_views_and_attention():
-    caches = [StaticKVCache(num_layers=2, batch=3, num_heads=2, max_len=9, head_dim=8, dtype=torch.float32,
-                            device=torch.device("cpu"), values_length_major=major) for major in (False, True)]
-    q = torch.randn(3, 2, 1, 8)
-    for length in (4, 1, 1):  # a prefix, then two decode steps
-        keys, values = torch.randn(3, 2, length, 8), torch.randn(3, 2, length, 8)
-        (k0, v0), (k1, v1) = (cache.write(1, keys, values) for cache in caches)
-        for cache in caches:
-            cache.advance(length)
-        assert torch.equal(k0, k1) and torch.equal(v0, v1)
-        assert v1.stride(-2) == 1  # the cache length is the contiguous dimension of the length-major values
-        torch.testing.assert_close(fused_decode_attention(q, k1, v1),
-                                   torch.nn.functional.scaled_dot_product_attention(q, k0, v0), rtol=1e-5, atol=1e-6)
 
 
 def test_generate_takes_one_settings_object_or_its_keyword_values():

@@ -308,15 +308,11 @@ class BARGenerator(nn.Module):
         return self.lm_head(step_bits, latents, generator, align_matmuls=align_head_matmuls)
 
     # ------------------------------------------------------------------ sampling (models/sampler.py)
-    def compile_decode(
-        self, enabled: bool = True, *, fp32_attention: str | None = None, align_head: bool = True,
-        values_length_major: bool = False,
-    ) -> None:
+    def compile_decode(self, enabled: bool = True, *, align_head: bool = True) -> None:
         """Compile the per-step work of `generate`; see `bar_lightning.models.sampler.compile_decode`."""
         from bar_lightning.models import sampler
 
-        sampler.compile_decode(self, enabled, fp32_attention=fp32_attention, align_head=align_head,
-                               values_length_major=values_length_major)
+        sampler.compile_decode(self, enabled, align_head=align_head)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
         # Moving or casting the weights invalidates every captured CUDA graph (they hold the old addresses).

@@ -25,21 +25,13 @@ if TYPE_CHECKING:
 
 
 class StaticKVCache:
-    """Preallocated keys/values for every layer, filled left to right; `write` returns `[B, H, length, hd]` views.
-
-    `values_length_major=True` stores the values as `[layers, B, H, hd, max_len]` (the returned views are transposes
-    with the length dimension contiguous), so that a single-query attention written as a sum over the cache length
-    reduces over contiguous memory (`fused_decode_attention`). SDPA still accepts these views, through its general
-    kernel.
-    """
+    """Preallocated keys/values for every layer, filled left to right; `write` returns `[B, H, length, hd]` views."""
 
     def __init__(self, *, num_layers: int, batch: int, num_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, values_length_major: bool = False) -> None:
+                 dtype: torch.dtype, device: torch.device) -> None:
         shape = (num_layers, batch, num_heads, max_len, head_dim)
         self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values_length_major = values_length_major
-        value_shape = (num_layers, batch, num_heads, head_dim, max_len) if values_length_major else shape
-        self.values = torch.empty(value_shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
         self.length = 0  # positions already written (shared by all layers)
         self.max_len = max_len
 
@@ -49,9 +41,6 @@ class StaticKVCache:
         if end > self.max_len:
             raise RuntimeError(f"KV cache overflow: {end} positions > capacity {self.max_len}")
         self.keys[layer, :, :, self.length : end] = keys
-        if self.values_length_major:
-            self.values[layer, :, :, :, self.length : end] = values.transpose(-1, -2)
-            return self.keys[layer, :, :, :end], self.values[layer, :, :, :, :end].transpose(-1, -2)
         self.values[layer, :, :, self.length : end] = values
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
@@ -115,60 +104,35 @@ class SamplingSettings(NamedTuple):
         return 1.0 + (self.guidance_scale - 1.0) * (step / num_steps)
 
 
-def compile_decode(
-    model: BARGenerator, enabled: bool = True, *, fp32_attention: str | None = None, align_head: bool = True,
-    values_length_major: bool = False,
-) -> None:
+def compile_decode(model: BARGenerator, enabled: bool = True, *, align_head: bool = True) -> None:
     """Compile the per-step work of `generate` (both halves of every block and the MBM head) with torch.compile.
 
     Only the shapes of one decode step are compiled (static, one compilation serves all blocks). This fuses the
     many small element-wise kernels (norms, modulation, RoPE, gates, SiLU) between the matrix products.
 
+    The float32 attention of the new position over a CUDA cache runs as one Triton kernel where Triton is installed
+    (`bar_lightning.ops.decode_attention`, at the bandwidth floor on an H200): SDPA's float32 kernel pads the single
+    query to a 64-row tile (5x the floor; docs/benchmarks.md, Sampling, items 4 and 6). Elsewhere (CPU, no Triton,
+    16-bit caches, which SDPA sends to cuDNN) the attention stays SDPA.
+
     Args:
-        fp32_attention: the float32 attention of the new position over the cache (bf16 sampling keeps SDPA,
-            which dispatches to cuDNN). "triton" (the default where Triton is installed): one kernel with an
-            online softmax that streams K and V once (`bar_lightning.ops.decode_attention`), at the bandwidth
-            floor on an H200; "reductions" (the default without Triton): two compiled reductions with a dynamic
-            cache length, ~3x the floor; "sdpa": PyTorch's SDPA, whose float32 kernel pads the single query to
-            a 64-row tile (5x the floor; docs/benchmarks.md, Sampling, items 4 and 6).
         align_head: run the MBM head's MLPs (odd hidden width 5461) on zero-padded aligned weight copies made
             once per batch (see `SwiGLU.aligned_weights`).
-        values_length_major: with "reductions", store the cached values length-major so that both reductions
-            read contiguous memory (see `StaticKVCache`).
     """
     if not enabled:
         if _DECODE_FUNCTIONS.pop(model, None) is not None:
             drop_captured_generations(model)
         return
-    if fp32_attention is None:
-        fp32_attention = "triton" if decode_attention_kernel.has_triton() else "reductions"
-    if fp32_attention not in FP32_DECODE_ATTENTION:
-        raise ValueError(
-            f"fp32_attention={fp32_attention!r} is not a decode attention; use one of {FP32_DECODE_ATTENTION}"
-        )
-    if fp32_attention == "triton" and not decode_attention_kernel.has_triton():
-        raise ValueError('fp32_attention="triton" needs Triton (it comes with CUDA builds of PyTorch); '
-                         'use "reductions"')
-    values_length_major = values_length_major and fp32_attention == "reductions"
-    options = (fp32_attention, align_head, values_length_major)
     current = _DECODE_FUNCTIONS.get(model)
-    if current is not None and (current.fp32_attention_name, current.align_head,
-                                current.values_length_major) == options:
+    if current is not None and current.align_head == align_head:
         return  # already compiled with these options: keep the compiled functions and the captured graphs
     compiled_head = model.lm_head.decode_logits()
-    attention = None  # "sdpa"
-    if fp32_attention == "reductions":
-        attention = torch.compile(fused_decode_attention, dynamic=True)
-    elif fp32_attention == "triton":
-        attention = decode_attention_kernel.decode_attention
     _DECODE_FUNCTIONS[model] = DecodeFunctions(
         attention_inputs=torch.compile(Block.attention_inputs, dynamic=False),
         finish=torch.compile(Block.finish, dynamic=False),
         head_logits=compiled_head,
-        fp32_attention=attention,
-        fp32_attention_name=fp32_attention,
+        fp32_attention=decode_attention_kernel.decode_attention if decode_attention_kernel.has_triton() else None,
         align_head=align_head,
-        values_length_major=values_length_major,
     )
     drop_captured_generations(model)
 
@@ -265,7 +229,6 @@ def _generation_loop(
     cache = StaticKVCache(
         num_layers=len(model.blocks), batch=rows, num_heads=model.num_heads, max_len=prefix + steps - 1,
         head_dim=model.hidden_size // model.num_heads, dtype=cache_dtype, device=device,
-        values_length_major=decode.values_length_major and attention is decode.fp32_attention,
     )
 
     x, condition, own_rows, target_rows = model.prefix(class_rows, orders[:, 0])
@@ -328,7 +291,6 @@ def decode_blocks(
 
 
 SAMPLING_PRECISIONS = ("fp32", "bf16")
-FP32_DECODE_ATTENTION = ("reductions", "triton", "sdpa")  # see BARGenerator.compile_decode
 
 
 class DecodeFunctions(NamedTuple):
@@ -337,25 +299,13 @@ class DecodeFunctions(NamedTuple):
     attention_inputs: Callable[..., tuple[torch.Tensor, ...]]
     finish: Callable[..., torch.Tensor]
     head_logits: Callable[..., torch.Tensor] | None  # None: the head's own `logits`
-    fp32_attention: Callable[..., torch.Tensor] | None  # None: SDPA
-    fp32_attention_name: str  # one of FP32_DECODE_ATTENTION
+    fp32_attention: Callable[..., torch.Tensor] | None  # for a float32 CUDA cache (the Triton kernel); None: SDPA
     align_head: bool
-    values_length_major: bool  # cache layout for fp32_attention (see StaticKVCache)
-
-
-def fused_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention of one query per row `q [R, H, 1, hd]` over `k, v [R, H, L, hd]` as two reductions.
-
-    Compiled, each reduction reads the cache once (memory-bound, as a single-query attention must be).
-    """
-    scores = (q * k).sum(dim=-1, keepdim=True) * q.shape[-1] ** -0.5  # [R, H, L, 1]
-    weights = torch.softmax(scores, dim=2)
-    return (weights * v).sum(dim=2, keepdim=True)  # [R, H, 1, hd]
 
 
 EAGER_DECODE = DecodeFunctions(
     attention_inputs=Block.attention_inputs, finish=Block.finish, head_logits=None, fp32_attention=None,
-    fp32_attention_name="sdpa", align_head=False, values_length_major=False,
+    align_head=False,
 )
 # Per-model state that must not travel with deepcopy/pickle/state_dict: compiled functions and captured graphs.
 _DECODE_FUNCTIONS: weakref.WeakKeyDictionary[BARGenerator, DecodeFunctions] = weakref.WeakKeyDictionary()

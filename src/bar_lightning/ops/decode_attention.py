@@ -2,8 +2,8 @@
 
 Why hand-written: PyTorch's SDPA has no float32 decode kernel (its float32 memory-efficient kernel pads the one query
 to a 64-row tile and ran 3-5x over the bandwidth floor on the H200), the flash / cuDNN kernels take 16-bit inputs
-only, and the compiled two-reduction version (`models.sampler.fused_decode_attention`) reads the values along a strided
-dimension. Here one program per (row, head) streams its keys and values once, in blocks of cache positions, with an
+only, and a compiled two-reduction version (since retired) read the values along a strided dimension at ~3x the
+floor. Here one program per (row, head) streams its keys and values once, in blocks of cache positions, with an
 online softmax in float32 (no TF32: the products are float32 multiply-adds).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-try:  # Triton ships with CUDA builds of PyTorch; without it, `compile_decode` picks the compiled reductions.
+try:  # Triton ships with CUDA builds of PyTorch; without it, `compile_decode` keeps SDPA.
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the installation
@@ -74,7 +74,7 @@ if triton is not None:
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Attention of `q [R, H, 1, hd]` over `k, v [R, H, L, hd]` (any strides, e.g. views of a KV cache).
 
-    The same function as `models.sampler.fused_decode_attention` (the plain PyTorch version it is tested against).
+    The same function as `F.scaled_dot_product_attention` with one query (tested against it in float64).
 
     Float32 only (the sampler's default precision), any head dimension. Launch parameters depend only on the shapes
     and `L`, so the call can be captured in a CUDA graph.
