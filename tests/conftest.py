@@ -1,4 +1,5 @@
-"""Shared test settings: deterministic CPU execution and the fixture folder."""
+"""Shared test settings and helpers: deterministic CPU execution, the fixture folder, tiny trained checkpoints and a
+recorder of the sampling loop's steps."""
 
 from __future__ import annotations
 
@@ -44,6 +45,25 @@ def inception_weights(tmp_path_factory) -> str:
     path = folder / "inception.pth"
     torch.save(model.state_dict(), path)
     return str(path)
+
+
+def record_sampling_steps(monkeypatch: pytest.MonkeyPatch, model: torch.nn.Module) -> dict[str, list]:
+    """What the eager sampling loop of `model` hands its head at every AR step, appended while this test runs:
+    `step_conditions` (the latent condition `[rows, W]`, CFG null rows included), `step_cfg_scale` (the guidance
+    scale) and `step_bits` (the head's sampled bits `[B, C]`). Wraps the head's `sample` instead of asking the
+    production loop to record; a CUDA graph would record only its capture."""
+    recorded: dict[str, list] = {"step_conditions": [], "step_cfg_scale": [], "step_bits": []}
+    sample = model.lm_head.sample
+
+    def recording_sample(conditions: torch.Tensor, *, guidance_scale, **options) -> torch.Tensor:
+        recorded["step_conditions"].append(conditions[:, 0].clone())
+        recorded["step_cfg_scale"].append(guidance_scale)
+        bits = sample(conditions, guidance_scale=guidance_scale, **options)
+        recorded["step_bits"].append(bits.clone())
+        return bits
+
+    monkeypatch.setattr(model.lm_head, "sample", recording_sample)
+    return recorded
 
 
 def train_tiny(run_dir: Path, *overrides: str) -> Path:

@@ -19,7 +19,7 @@ from bar_lightning.compat.upstream import (
 )
 from bar_lightning.models.bar import BARGenerator
 
-from .conftest import FIXTURES
+from .conftest import FIXTURES, record_sampling_steps
 
 VARIANTS = ["A1", "A2", "A3"]
 ATOL = 1e-5
@@ -99,32 +99,32 @@ def test_head_sampling_temperature_zero(fixture):
 
 
 @pytest.mark.parametrize("run", ["g1", "g3"])
-def test_generation_temperature_zero(fixture, run):
+def test_generation_temperature_zero(fixture, run, monkeypatch):
     _, meta, io, model = fixture
-    trace: dict = {}
+    recorded = record_sampling_steps(monkeypatch, model)
     bits = model.generate(
         io[f"gen.{run}.class_labels"],
         guidance_scale=float(meta["generate"][run]["guidance_scale"]),
         temperature=0.0,
         tokens_allocation=meta["generate"]["tokens_allocation"],
-        trace=trace,
     )
     assert bits.dtype == torch.long
     assert torch.equal(bits, io[f"gen.{run}.bits"])
-    assert max_error(torch.stack(trace["step_conditions"]), io[f"gen.{run}.step_conditions"]) < ATOL
-    assert torch.equal(torch.stack(trace["step_bits"]), io[f"gen.{run}.step_bits"])
-    assert torch.allclose(torch.tensor(trace["step_cfg_scale"], dtype=torch.float64), io[f"gen.{run}.step_cfg_scale"])
+    assert max_error(torch.stack(recorded["step_conditions"]), io[f"gen.{run}.step_conditions"]) < ATOL
+    assert torch.equal(torch.stack(recorded["step_bits"]), io[f"gen.{run}.step_bits"])
+    assert torch.allclose(torch.tensor(recorded["step_cfg_scale"], dtype=torch.float64),
+                          io[f"gen.{run}.step_cfg_scale"])
 
 
-def test_cached_generation_equals_full_recomputation(fixture):
+def test_cached_generation_equals_full_recomputation(fixture, monkeypatch):
     # Without a KV cache the latent of step k is the teacher-forced latent of the sequence generated so far.
     _, meta, io, model = fixture
     labels = io["gen.g3.class_labels"]
-    trace: dict = {}
+    recorded = record_sampling_steps(monkeypatch, model)
     bits = model.generate(labels, guidance_scale=3.0, temperature=0.0,
-                          tokens_allocation=meta["generate"]["tokens_allocation"], trace=trace)
+                          tokens_allocation=meta["generate"]["tokens_allocation"])
     recomputed = model.latent_conditions(bits, labels)[:, : model.num_steps]  # [B, L, W]
-    cached = torch.stack(trace["step_conditions"])[:, : labels.shape[0]].transpose(0, 1)
+    cached = torch.stack(recorded["step_conditions"])[:, : labels.shape[0]].transpose(0, 1)
     assert max_error(recomputed, cached) < ATOL
 
 

@@ -14,6 +14,8 @@ from bar_lightning.models.linear_head import LinearSoftmaxHead
 from bar_lightning.models.mbm_head import MASK_ID, MaskBitModelingHead, validate_tokens_allocation
 from bar_lightning.models.sampler import SamplingSettings, run_sampling_loop
 
+from .conftest import record_sampling_steps
+
 
 def tiny_generator(patch_size: int = 1, head: str = "mbm", seed: int = 0) -> BARGenerator:
     torch.manual_seed(seed)
@@ -71,17 +73,18 @@ def test_head_fixes_exactly_the_allocated_bits_per_iteration(monkeypatch):
     assert set(bits.unique().tolist()) <= {0, 1}
 
 
-def test_cfg_scale_ramps_linearly_from_one():
+def test_cfg_scale_ramps_linearly_from_one(monkeypatch):
     model = tiny_generator()
-    trace: dict = {}
-    model.generate(torch.tensor([0]), guidance_scale=4.0, temperature=0.0, tokens_allocation=[4], trace=trace)
     steps = model.num_steps
-    assert trace["step_cfg_scale"] == pytest.approx([1 + 3.0 * k / steps for k in range(steps)])
-    no_cfg: dict = {}
-    model.generate(torch.tensor([0]), guidance_scale=1.0, temperature=0.0, tokens_allocation=[4], trace=no_cfg)
-    assert no_cfg["step_cfg_scale"] == [1.0] * steps
-    assert no_cfg["step_conditions"][0].shape[0] == 1  # no doubled batch without CFG
-    assert trace["step_conditions"][0].shape[0] == 2
+    recorded = record_sampling_steps(monkeypatch, model)
+    model.generate(torch.tensor([0]), guidance_scale=4.0, temperature=0.0, tokens_allocation=[4])
+    assert recorded["step_cfg_scale"] == pytest.approx([1 + 3.0 * k / steps for k in range(steps)])
+    assert recorded["step_conditions"][0].shape[0] == 2
+    for values in recorded.values():
+        values.clear()
+    model.generate(torch.tensor([0]), guidance_scale=1.0, temperature=0.0, tokens_allocation=[4])
+    assert recorded["step_cfg_scale"] == [1.0] * steps
+    assert recorded["step_conditions"][0].shape[0] == 1  # no doubled batch without CFG
 
 
 def test_guidance_changes_samples_and_null_label_is_accepted():
@@ -181,7 +184,7 @@ def test_sampling_loop_never_synchronises_with_the_host(head, random_order):
     allocation = (1, 1, 2) if head == "mbm" else (4,)
     settings = SamplingSettings(3.0, 1.0, allocation, random_order, "fp32")
     with RefuseHostSync():
-        bits = run_sampling_loop(model, torch.tensor([0, 3]), settings, torch.Generator().manual_seed(0), None)
+        bits = run_sampling_loop(model, torch.tensor([0, 3]), settings, torch.Generator().manual_seed(0))
     assert bits.shape == (2, 64)
     with pytest.raises(AssertionError, match="host synchronisation"), RefuseHostSync():
         torch.tensor([1, 2]).sum().item()  # the guard itself works
@@ -335,12 +338,12 @@ def test_generate_takes_one_settings_object_or_its_keyword_values():
         SamplingSettings.checked(model, tokens_allocation=[1, 1])  # 2 of the step's 4 bits
 
 
-def test_the_guidance_schedule_of_the_settings_is_the_one_the_loop_uses():
+def test_the_guidance_schedule_of_the_settings_is_the_one_the_loop_uses(monkeypatch):
     model = tiny_generator()
     settings = SamplingSettings.checked(model, guidance_scale=4.0, temperature=0.0, tokens_allocation=[4])
-    trace: dict = {}
-    model.generate(torch.tensor([0]), settings, trace=trace)
-    assert trace["step_cfg_scale"] == [settings.guidance_at(step, model.num_steps) for step in range(model.num_steps)]
+    recorded = record_sampling_steps(monkeypatch, model)
+    model.generate(torch.tensor([0]), settings)
+    assert recorded["step_cfg_scale"] == [settings.guidance_at(step, model.num_steps) for step in range(model.num_steps)]
     assert SamplingSettings.checked(model, guidance_scale=0.5).guidance_at(7, 16) == 1.0  # no CFG below 1
 
 

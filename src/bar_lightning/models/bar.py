@@ -328,7 +328,6 @@ class BARGenerator(nn.Module):
         settings: SamplingSettings | None = None,
         *,
         generator: torch.Generator | None = None,
-        trace: dict[str, list] | None = None,
         cuda_graph: bool | None = None,
         **values: Any,
     ) -> torch.Tensor:
@@ -337,5 +336,4 @@ class BARGenerator(nn.Module):
         `precision`); see `bar_lightning.models.sampler.generate`."""
         from bar_lightning.models import sampler
 
-        return sampler.generate(self, labels, settings, generator=generator, trace=trace, cuda_graph=cuda_graph,
-                                **values)
+        return sampler.generate(self, labels, settings, generator=generator, cuda_graph=cuda_graph, **values)

@@ -144,7 +144,6 @@ def generate(
     settings: SamplingSettings | None = None,
     *,
     generator: torch.Generator | None = None,
-    trace: dict[str, list] | None = None,
     cuda_graph: bool | None = None,
     **values: Any,
 ) -> torch.Tensor:
@@ -154,13 +153,12 @@ def generate(
     (`guidance_scale`, `temperature`, `tokens_allocation`, `random_order`, `precision`) by
     `SamplingSettings.checked`. CFG is on iff `guidance_scale > 1`: the backbone then runs on a doubled batch (class
     rows, then null rows) and the head combines logits with the linear ramp `1 + (g - 1) * k / L`. Uses a
-    preallocated KV cache. If `trace` is a dict, per-step latent conditions, CFG scales and bits are appended to it
-    (for debugging).
+    preallocated KV cache.
 
     Args:
         cuda_graph: capture the whole sampling loop in one CUDA graph and replay it (default: on for CUDA
-            inputs without `trace`). The first call for a new (batch, settings) pair runs eagerly once, then
-            captures; later calls replay. Same random stream and same bits as the eager loop.
+            inputs). The first call for a new (batch, settings) pair runs eagerly once, then captures; later calls
+            replay. Same random stream and same bits as the eager loop.
         settings.precision: "fp32" (float32 weights and activations; TF32 matmuls if enabled, as the official
             sampler) or "bf16" (bf16 autocast with a bf16 KV cache: faster, not bit-identical to fp32).
 
@@ -173,16 +171,14 @@ def generate(
     elif values:
         raise TypeError(f"generate takes settings or keyword values, not both; got settings and {sorted(values)}")
     if cuda_graph is None:
-        cuda_graph = labels.is_cuda and trace is None
+        cuda_graph = labels.is_cuda
     if cuda_graph:
-        if trace is not None:
-            raise ValueError("trace records per-step tensors eagerly; call generate with cuda_graph=False")
         if not labels.is_cuda:
             raise ValueError(f"cuda_graph=True needs CUDA tensors; labels are on {labels.device}")
         if labels.shape[0] == 0:
-            return run_sampling_loop(model, labels, settings, generator, None)
+            return run_sampling_loop(model, labels, settings, generator)
         return captured_generation(model, labels.shape[0], settings, labels.device)(labels, generator)
-    return run_sampling_loop(model, labels, settings, generator, trace)
+    return run_sampling_loop(model, labels, settings, generator)
 
 
 def run_sampling_loop(
@@ -190,7 +186,6 @@ def run_sampling_loop(
     labels: torch.Tensor,
     settings: SamplingSettings,
     generator: torch.Generator | None,
-    trace: dict[str, list] | None,
 ) -> torch.Tensor:
     """The sampling loop. No host synchronisation (CUDA-graph capturable); labels are assumed valid."""
     decode = _DECODE_FUNCTIONS.get(model, EAGER_DECODE)
@@ -198,7 +193,7 @@ def run_sampling_loop(
         torch.autocast(labels.device.type, dtype=torch.bfloat16) if settings.precision == "bf16" else nullcontext()
     )
     with autocast:
-        return _generation_loop(model, labels, settings, generator, trace, decode)
+        return _generation_loop(model, labels, settings, generator, decode)
 
 
 def _generation_loop(
@@ -206,7 +201,6 @@ def _generation_loop(
     labels: torch.Tensor,
     settings: SamplingSettings,
     generator: torch.Generator | None,
-    trace: dict[str, list] | None,
     decode: DecodeFunctions,
 ) -> torch.Tensor:
     batch, device, prefix, steps = labels.shape[0], labels.device, model.prefix_len, model.num_steps
@@ -253,10 +247,6 @@ def _generation_loop(
             logits_fn=head_logits,
         )  # [B, C]
         generated[:, step] = step_bits
-        if trace is not None:
-            trace.setdefault("step_conditions", []).append(latent[:, 0].clone())
-            trace.setdefault("step_cfg_scale", []).append(scale)
-            trace.setdefault("step_bits", []).append(step_bits.clone())
         if step == steps - 1:
             break
         # Feed the step just sampled at sequence position P + step; it predicts the location targets[:, step].
@@ -334,12 +324,12 @@ class CapturedGeneration:
         side_stream = torch.cuda.Stream(device)
         side_stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side_stream):
-            run_sampling_loop(model, self.labels, settings, self.rng, None)
+            run_sampling_loop(model, self.labels, settings, self.rng)
         torch.cuda.current_stream(device).wait_stream(side_stream)
         self.graph = torch.cuda.CUDAGraph()
         self.graph.register_generator_state(self.rng)
         with torch.cuda.graph(self.graph):
-            self.bits = run_sampling_loop(model, self.labels, settings, self.rng, None)
+            self.bits = run_sampling_loop(model, self.labels, settings, self.rng)
 
     def __call__(self, labels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         self.labels.copy_(labels)
