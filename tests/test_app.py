@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from bar_lightning.app import resolve_class_names, training_class_names
-from bar_lightning.config.schema import ConfigError, check_sampling, validate_app_config
+from bar_lightning.config.schema import ConfigError, check_sampling
 
 from .app_helpers import ROOT, app_config, call, serving
 
@@ -174,10 +174,8 @@ def test_the_config_needs_a_tokenizer_and_one_generator_source(generator_of_tiny
         app_config(f"generator.checkpoint={generator_of_tiny_tokenizer}")
     with pytest.raises(ConfigError, match="give exactly one of generator.checkpoint"):
         app_config("tokenizer.checkpoint=x.ckpt")
-    cfg = OmegaConf.create({"generator": {"checkpoint": "g.ckpt"}, "tokenizer": {"checkpoint": "t.ckpt"},
-                            "port": 70000, "paths": {"output_dir": "unused"}})
     with pytest.raises(ConfigError, match="port=70000 is not a TCP port"):
-        validate_app_config(cfg)
+        app_config("generator.checkpoint=g.ckpt", "tokenizer.checkpoint=t.ckpt", "port=70000")
 
 
 def test_the_command_line_serves_the_page_and_logs_its_url(generator_of_tiny_tokenizer, tokenizer_checkpoint,

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import MISSING as MISSING_VALUE
 from omegaconf import DictConfig, open_dict
 
 from bar_lightning.config.schema import ConfigError, validate_train_config
+from bar_lightning.config.structured import SCHEMAS, AppConfig, EvaluateConfig
 from bar_lightning.models.bar import BARGenerator
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -174,3 +177,33 @@ def test_cpu_trainers_are_deterministic_and_the_gpu_trainer_is_not():
         return validate_train_config(compose_train(["experiment=bar_b", f"trainer={trainer}"])).trainer.deterministic
 
     assert (deterministic("cpu"), deterministic("ddp_cpu"), deterministic("gpu")) == (True, True, False)
+
+
+def schema_leaves_with_values(schema: type, prefix: str = "") -> list[str]:
+    """Keys of `schema` (nested dataclasses followed) that carry a value of their own instead of MISSING."""
+    found = []
+    for item in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(item.type if isinstance(item.type, type) else None):
+            found += schema_leaves_with_values(item.type, f"{prefix}{item.name}.")
+            continue
+        nested = item.default_factory() if item.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(nested):
+            found += schema_leaves_with_values(type(nested), f"{prefix}{item.name}.")
+        elif item.default is not MISSING_VALUE or item.default_factory is not dataclasses.MISSING:
+            found.append(prefix + item.name)
+    return found
+
+
+@pytest.mark.parametrize("schema", [*SCHEMAS.values(), EvaluateConfig, AppConfig], ids=lambda schema: schema.__name__)
+def test_defaults_live_once_in_the_yaml_not_in_the_schemas(schema):
+    assert schema_leaves_with_values(schema) == []
+
+
+def test_a_key_no_yaml_sets_stops_the_run_naming_it():
+    cfg = compose_train(["experiment=tiny_generator"])
+    with open_dict(cfg):
+        del cfg.trainer["log_every_n_steps"]
+        del cfg.sampling["precision"]
+    with pytest.raises(ConfigError, match=r"no value for sampling\.precision, trainer\.log_every_n_steps: set it on the "
+                                          r"command line \(e\.g\. sampling\.precision=\.\.\.\)"):
+        validate_train_config(cfg)

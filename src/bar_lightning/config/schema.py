@@ -218,13 +218,22 @@ def validate_tokenizer_config(merged: DictConfig) -> None:
 
 
 def merge_with_schema(cfg: DictConfig, schema: type) -> DictConfig:
-    """Merge `cfg` into `schema`; unknown keys and wrong types raise ConfigError with the key path."""
+    """Merge `cfg` into `schema`; unknown keys, wrong types and keys without a value raise ConfigError with the key
+    path."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as error:
         # OmegaConf's message names the key and the types; its traceback (merge internals) would bury it.
         raise ConfigError(f"invalid configuration: {error}{closest_key_hint(error, schema)}") from None
+    unset = sorted(OmegaConf.missing_keys(merged))
+    if unset:
+        # The schemas type every key and give no values: conf/ holds each default once, so a key no yaml sets is
+        # a config that was assembled without its group (or a value set to ???), not a default to fall back on.
+        raise ConfigError(
+            f"no value for {', '.join(unset)}: set it on the command line (e.g. {unset[0]}=...) or in the config "
+            "group that holds it (conf/, see docs/configuration.md)"
+        )
     OmegaConf.set_struct(merged, True)
     return merged
 
