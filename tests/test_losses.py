@@ -22,6 +22,7 @@ from bar_lightning.models.discriminator import (
     PatchDiscriminator,
 )
 from bar_lightning.models.losses import (
+    LOSS_OFF,
     LPIPS,
     GramLoss,
     TokenizerReconstructionLoss,
@@ -195,6 +196,10 @@ def test_missing_file_names_the_file_and_the_loss(
 
 def test_require_weights_without_a_path_says_how_to_disable() -> None:
     with pytest.raises(FileNotFoundError, match="No path was given.*the Gram loss.*weight to 0"):
+        require_weights(None, what="torchvision VGG16 ImageNet weights", needed_by="the Gram loss",
+                        how_to_disable=LOSS_OFF)
+    with pytest.raises(FileNotFoundError, match=r"the Gram loss needs it\. Pass the path of a local copy \(nothing is "
+                                                r"downloaded at run time\)\.$"):
         require_weights(None, what="torchvision VGG16 ImageNet weights", needed_by="the Gram loss")
 
 
@@ -378,7 +383,7 @@ def test_dino_discriminator_loads_an_official_layout_backbone_strictly(tmp_path:
     torch.save(state, path)
     with pytest.raises(ValueError, match="blocks.3.mlp.fc1.weight"):
         DinoDiscriminator(backbone_weights=path)
-    with pytest.raises(FileNotFoundError, match="dino_deitsmall8_pretrain.pth.*weight to 0"):
+    with pytest.raises(FileNotFoundError, match=r"dino_deitsmall8_pretrain.pth.*training\.gan_weight=0 ~discriminator"):
         DinoDiscriminator(backbone_weights=tmp_path / "absent.pth")
     with pytest.raises(ValueError, match="random_backbone"):
         DinoDiscriminator(backbone_weights=path, random_backbone=True)

@@ -97,7 +97,7 @@ def test_missing_weights_file_names_file_what_and_who(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         check_weights_file(missing, what="FID Inception weights", needed_by="metrics.inception_weights")
     assert str(missing) in str(error.value) and "metrics.inception_weights" in str(error.value)
-    with pytest.raises(FileNotFoundError, match="no FID Inception weights given"):
+    with pytest.raises(FileNotFoundError, match="No path was given for the FID Inception weights"):
         check_weights_file(None, what="FID Inception weights", needed_by="metrics.inception_weights")
 
 

@@ -390,13 +390,15 @@ def test_default_folder_is_the_configs_pretrained_dir(monkeypatch, tmp_path):
 
 def test_missing_file_errors_name_the_fetch_command(real_manifest, tmp_path, monkeypatch):
     from bar_lightning.eval.metrics import INCEPTION_WEIGHTS_HINT, check_weights_file
+    from bar_lightning.models.losses import LOSS_OFF
     from bar_lightning.models.pretrained import VGG16_WEIGHTS_DESCRIPTION, require_weights
 
     monkeypatch.setenv("BAR_ROOT", str(tmp_path))
     default = tmp_path / "pretrained"
     with pytest.raises(FileNotFoundError, match=r"not found at .*weight to 0.*Fetch it with: python -m "
                                                 r"bar_lightning\.weights fetch vgg16$"):
-        require_weights(default / "vgg16-397923af.pth", what=VGG16_WEIGHTS_DESCRIPTION, needed_by="the Gram loss")
+        require_weights(default / "vgg16-397923af.pth", what=VGG16_WEIGHTS_DESCRIPTION, needed_by="the Gram loss",
+                        how_to_disable=LOSS_OFF)
     with pytest.raises(FileNotFoundError, match=r"No path was given.*fetch vgg16$"):
         require_weights(None, what=VGG16_WEIGHTS_DESCRIPTION, needed_by="the Gram loss")
     elsewhere = tmp_path / "elsewhere"

@@ -318,6 +318,7 @@ class DinoDiscriminator(ModuleWithFrozenNetworks):
                 backbone_weights,
                 what=DINO_VIT_S8_WEIGHTS_DESCRIPTION,
                 needed_by="the DINO discriminator, i.e. the adversarial loss [argument backbone_weights]",
+                how_to_disable="train without the adversarial loss (training.gan_weight=0 ~discriminator)",
             )
             load_dino_backbone_weights(backbone, path)
         self.hold_frozen("backbone", backbone)

@@ -45,6 +45,8 @@ LPIPS_SCALE = (0.458, 0.448, 0.450)
 LPIPS_VGG_STAGE_ENDS = (4, 9, 16, 23, 30)
 LPIPS_VGG_CHANNELS = (64, 128, 256, 512, 512)
 
+LOSS_OFF = "set that loss's weight to 0 to disable it"  # the alternative to a missing pretrained file
+
 
 def _channel_constant(values: tuple[float, float, float]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1)
@@ -77,8 +79,10 @@ class LPIPS(FrozenPretrainedNetwork):
 
     def __init__(self, *, vgg16_weights: str | Path, lpips_weights: str | Path) -> None:
         super().__init__()
-        vgg16_path = require_weights(vgg16_weights, what=VGG16_WEIGHTS_DESCRIPTION, needed_by="LPIPS")
-        lpips_path = require_weights(lpips_weights, what=LPIPS_VGG_WEIGHTS_DESCRIPTION, needed_by="LPIPS")
+        vgg16_path = require_weights(vgg16_weights, what=VGG16_WEIGHTS_DESCRIPTION, needed_by="LPIPS",
+                                     how_to_disable=LOSS_OFF)
+        lpips_path = require_weights(lpips_weights, what=LPIPS_VGG_WEIGHTS_DESCRIPTION, needed_by="LPIPS",
+                                     how_to_disable=LOSS_OFF)
         vgg_features = build_vgg16_features(vgg16_path)
         stage_starts = (0, *LPIPS_VGG_STAGE_ENDS[:-1])
         self.stages = nn.ModuleList(
@@ -147,6 +151,7 @@ class ConvNeXtLogitLoss(FrozenPretrainedNetwork):
             convnext_weights,
             what=CONVNEXT_SMALL_WEIGHTS_DESCRIPTION,
             needed_by="the ConvNeXt perceptual loss",
+            how_to_disable=LOSS_OFF,
         )
         if input_size < 32:
             raise ValueError(
@@ -189,7 +194,8 @@ class GramLoss(FrozenPretrainedNetwork):
 
     def __init__(self, *, vgg16_weights: str | Path, input_size: int = 224) -> None:
         super().__init__()
-        path = require_weights(vgg16_weights, what=VGG16_WEIGHTS_DESCRIPTION, needed_by="the Gram loss")
+        path = require_weights(vgg16_weights, what=VGG16_WEIGHTS_DESCRIPTION, needed_by="the Gram loss",
+                               how_to_disable=LOSS_OFF)
         if input_size < 32:
             raise ValueError(f"VGG16 needs input_size >= 32 (its total stride), got input_size={input_size}.")
         self.input_size = input_size
@@ -394,12 +400,14 @@ class TokenizerReconstructionLoss(ModuleWithFrozenNetworks):
                 vgg16_weights,
                 what=VGG16_WEIGHTS_DESCRIPTION,
                 needed_by=f"{' and '.join(vgg16_users)} [argument vgg16_weights]",
+                how_to_disable=LOSS_OFF,
             )
         if use_lpips:
             require_weights(
                 lpips_weights,
                 what=LPIPS_VGG_WEIGHTS_DESCRIPTION,
                 needed_by=f"{lpips_user} [argument lpips_weights]",
+                how_to_disable=LOSS_OFF,
             )
         if use_convnext:
             require_weights(
@@ -407,6 +415,7 @@ class TokenizerReconstructionLoss(ModuleWithFrozenNetworks):
                 what=CONVNEXT_SMALL_WEIGHTS_DESCRIPTION,
                 needed_by=f"the ConvNeXt perceptual term (perceptual_weight={perceptual_weight}, "
                 f"convnext_weight={convnext_weight}) [argument convnext_weights]",
+                how_to_disable=LOSS_OFF,
             )
 
         if perceptual_weight > 0:

@@ -41,53 +41,43 @@ DINO_VIT_S8_WEIGHTS_DESCRIPTION = (
 )
 
 
-def require_weights(path: str | Path | None, *, what: str, needed_by: str) -> Path:
+def require_weights(
+    path: str | os.PathLike[str] | None, *, what: str, needed_by: str, how_to_disable: str | None = None
+) -> Path:
     """Return `path` as a `Path` if it is an existing file, else raise a `FileNotFoundError` saying what to do.
 
     Args:
         path: the configured location of the file, or None if none was configured.
         what: what the file is, including its usual file name, e.g. "torchvision VGG16 ImageNet weights
             (vgg16-397923af.pth)".
-        needed_by: the loss (and config key) that needs it, e.g. "the Gram loss (gram_weight=10.0)".
+        needed_by: who needs it (and its config key), e.g. "the Gram loss (gram_weight=10.0)".
+        how_to_disable: how to run without the file, where one can (e.g. "set that loss's weight to 0").
     """
     from bar_lightning.weights import fetch_hint
 
-    disable_hint = "or set that loss's weight to 0 to disable it (then no file is needed)"
+    otherwise = f", or {how_to_disable} (then no file is needed)" if how_to_disable else ""
     if path is None or str(path) == "":
         raise FileNotFoundError(
-            f"No path was given for the {what}; they are needed by {needed_by}. Pass the path of a local copy "
-            f"(nothing is downloaded at run time), {disable_hint}.{fetch_hint(None, mentioned=what)}"
+            f"No path was given for the {what}; {needed_by} needs it. Pass the path of a local copy (nothing is "
+            f"downloaded at run time){otherwise}.{fetch_hint(None, mentioned=what)}"
         )
     weights_path = Path(path).expanduser()
     if not weights_path.is_file():
         raise FileNotFoundError(
-            f"The {what} were not found at '{weights_path}'; they are needed by {needed_by}. Copy the file there "
-            f"or pass its actual path (nothing is downloaded at run time), {disable_hint}."
-            f"{fetch_hint(weights_path)}"
+            f"The {what} were not found at '{weights_path}'; {needed_by} needs it. Copy the file there or pass its "
+            f"actual path (nothing is downloaded at run time){otherwise}.{fetch_hint(weights_path)}"
         )
     return weights_path
 
 
 def check_weights_file(path: str | os.PathLike[str] | None, *, what: str, needed_by: str) -> Path:
-    """``path`` as a Path after checking that it exists and holds only tensors (no code runs to read it).
+    """``path`` as a Path after `require_weights` and a check that it holds only tensors (no code runs to read it).
 
-    ``what`` describes the file (e.g. the expected file name), ``needed_by`` who needs it (e.g. the config key);
-    both appear in the errors. Raises ``FileNotFoundError`` when the file is missing and ``ValueError`` when
-    ``torch.load(..., weights_only=True)`` refuses it: such a file needs arbitrary code to unpickle (a pickled
-    object other than tensors and containers) or is not a torch checkpoint at all.
+    Raises ``FileNotFoundError`` when the file is missing and ``ValueError`` when ``torch.load(...,
+    weights_only=True)`` refuses it: such a file needs arbitrary code to unpickle (a pickled object other than
+    tensors and containers) or is not a torch checkpoint at all.
     """
-    from bar_lightning.weights import fetch_hint
-
-    if path is None or str(path) == "":
-        raise FileNotFoundError(
-            f"no {what} given: {needed_by} needs it; pass the path of a local copy.{fetch_hint(None, mentioned=what)}"
-        )
-    weights_path = Path(path).expanduser()
-    if not weights_path.is_file():
-        raise FileNotFoundError(
-            f"{what} not found at {weights_path}: {needed_by} needs it; pass the path of a local copy."
-            f"{fetch_hint(weights_path)}"
-        )
+    weights_path = require_weights(path, what=what, needed_by=needed_by)
     try:
         torch.load(weights_path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
