@@ -114,68 +114,6 @@ def test_checkpoint_reloads_without_arguments(tiny_fit):
     assert torch.equal(a, b)
 
 
-def test_non_finite_loss_stops_before_the_optimiser_step_naming_the_step(tiny_fit):
-    # Through the Trainer: tests/test_non_finite_loss.py. Here the accumulation of the check across micro-batches.
-    _, module, *_ = tiny_fit
-    module._note_loss(torch.tensor(0.7))
-    module.on_before_optimizer_step(None)  # all finite: the step goes on and the check is cleared
-    assert module._pending_loss_check is None
-    module._note_loss(torch.tensor(0.7))
-    module._note_loss(torch.tensor(float("nan")))  # one bad micro-batch of three under gradient accumulation
-    module._note_loss(torch.tensor(0.6))
-    with pytest.raises(FloatingPointError, match=r"non-finite training loss nan at global step \d+; the last saved"):
-        module.on_before_optimizer_step(None)
-    assert module._pending_loss_check is None
-
-
-def test_a_fused_optimiser_skips_a_non_finite_step_on_the_device_and_the_error_follows(tiny_fit):
-    _, module, *_ = tiny_fit
-    weight = torch.nn.Parameter(torch.ones(3))
-    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
-    module._loss_checks = []
-    module._note_loss(torch.tensor(float("nan")))
-    module.on_before_optimizer_step(optimizer)  # no host read, no error yet: the flag goes to the optimiser
-    assert float(optimizer.found_inf) == 1.0 and len(module._loss_checks) == 1
-    weight.grad = torch.full((3,), float("nan"))
-    optimizer.step()
-    assert torch.equal(weight.detach(), torch.ones(3)) and float(optimizer.state[weight]["step"]) == 0.0
-    bad_step = module._loss_checks[0].step
-    module._note_loss(torch.tensor(0.5))
-    with pytest.raises(FloatingPointError, match=rf"non-finite training loss nan at global step {bad_step};"):
-        module.on_before_optimizer_step(optimizer)  # the next step reads the arrived flag and stops
-    assert module._loss_checks == []
-    module._note_loss(torch.tensor(0.5))
-    module.on_before_optimizer_step(optimizer)
-    assert float(optimizer.found_inf) == 0.0
-    weight.grad = torch.ones(3)
-    optimizer.step()
-    assert not torch.equal(weight.detach(), torch.ones(3))  # a finite step updates
-    module._note_loss(torch.tensor(float("inf")))
-    module.on_before_optimizer_step(optimizer)
-    with pytest.raises(FloatingPointError, match=r"non-finite training loss inf"):
-        module.on_save_checkpoint({})  # no checkpoint after a skipped step
-    module._pending_loss_check, module._loss_checks = None, []
-
-
-def _and_over_two_processes(rank: int, init_file: str, results) -> None:
-    from bar_lightning.lightning.generator_module import finite_on_every_process
-
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    results[rank] = bool(finite_on_every_process(torch.tensor(rank == 0)))
-    torch.distributed.destroy_process_group()
-
-
-def test_a_non_finite_loss_on_one_process_stops_every_process(tmp_path):
-    import torch.multiprocessing as mp
-
-    from bar_lightning.lightning.generator_module import non_finite_loss_error
-
-    results = mp.Manager().dict()
-    mp.spawn(_and_over_two_processes, args=(str(tmp_path / "init"), results), nprocs=2)
-    assert dict(results) == {0: False, 1: False}  # rank 1's loss was not finite: both skip and stop
-    assert "on another process (here 0.7) at global step 3" in str(non_finite_loss_error(0.7, 3))
-
-
 def test_the_training_step_is_compiled_by_default_on_gpus_only_outside_fsdp(tiny_fit):
     from types import SimpleNamespace
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import warnings
-from typing import Any, NamedTuple
+from typing import Any
 
 import lightning as L
 import torch
@@ -12,6 +11,7 @@ from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
 from torch.optim.lr_scheduler import LambdaLR
 
 from bar_lightning.config.schema import compiles_with_cuda_graphs, inductor_options
+from bar_lightning.lightning.loss_check import NonFiniteLossCheck
 from bar_lightning.lightning.optimization import (
     clip_gradient_norm,
     fused_adamw_wanted,
@@ -24,51 +24,6 @@ from bar_lightning.models.sampler import SamplingSettings
 
 # Lightning notes that a module's `on_before_batch_transfer` is used beside a DataModule: that is the intent here.
 warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule` but")
-
-
-def non_finite_loss_error(loss: float, step: int) -> FloatingPointError:
-    where = f"training loss {loss}" if not math.isfinite(loss) else f"training loss on another process (here {loss})"
-    return FloatingPointError(
-        f"non-finite {where} at global step {step}; the last saved checkpoint is kept. Lower "
-        "optim.learning_rate or check the data."
-    )
-
-
-def finite_on_every_process(finite: torch.Tensor) -> torch.Tensor:
-    """`finite` and-ed over the processes of a distributed run, on the device (no host read)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return finite
-    if torch.distributed.get_world_size() == 1:
-        return finite
-    every = finite.to(torch.float32).reshape(1)
-    torch.distributed.all_reduce(every, op=torch.distributed.ReduceOp.MIN)
-    return every.reshape(()) > 0
-
-
-class LossCheck(NamedTuple):
-    """The loss check of one optimiser step on its way to the host: `values` = (all finite, loss to report)."""
-
-    step: int
-    values: torch.Tensor
-    copied: torch.cuda.Event | None  # None: `values` was computed synchronously (CPU)
-
-    @staticmethod
-    def queue(step: int, finite: torch.Tensor, loss: torch.Tensor) -> LossCheck:
-        values = torch.stack([finite.to(torch.float32), loss.detach().to(torch.float32)])
-        if values.device.type != "cuda":
-            return LossCheck(step, values, None)
-        host = torch.empty(2, dtype=torch.float32, pin_memory=True)
-        host.copy_(values, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record()
-        return LossCheck(step, host, copied)
-
-    def arrived(self, wait: bool) -> bool:
-        if self.copied is None or self.copied.query():
-            return True
-        if wait:
-            self.copied.synchronize()
-        return wait
 
 
 class GeneratorModule(L.LightningModule):
@@ -93,9 +48,7 @@ class GeneratorModule(L.LightningModule):
         self.random_ratio = random_order_ratio(0, training["randomness_anneal_start"], training["randomness_anneal_end"])
         self._compiled_forward = None
         self._compiled_with_cuda_graphs = False
-        # (all losses finite, the non-finite loss to report) since the last optimiser step, kept on the device.
-        self._pending_loss_check: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._loss_checks: list[LossCheck] = []  # flags of steps a fused optimiser skips on the device, on their way
+        self.loss_check = NonFiniteLossCheck()  # given every training loss; on the Trainer by configure_callbacks
         self._batch_checked_on_host = False  # set by on_before_batch_transfer, read by the next step
 
     # ----------------------------------------------------------------- training
@@ -176,58 +129,12 @@ class GeneratorModule(L.LightningModule):
         dropped = torch.rand(labels.shape[0], device=labels.device) < training["class_label_dropout"]
         labels = torch.where(dropped, torch.full_like(labels, NULL_LABEL), labels)
         loss = self._loss(bits, labels, orders)
-        self._note_loss(loss)
+        self.loss_check.note(loss)
         batch_size = bits.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/random_ratio", self.random_ratio, batch_size=batch_size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
         return loss
-
-    def _note_loss(self, loss: torch.Tensor) -> None:
-        """Remember on the device whether every loss since the last optimiser step was finite (no host sync here)."""
-        loss = loss.detach()
-        finite = torch.isfinite(loss)
-        if self._pending_loss_check is None:
-            self._pending_loss_check = (finite, loss)
-        else:
-            all_finite, reported = self._pending_loss_check
-            self._pending_loss_check = (all_finite & finite, torch.where(finite, reported, loss))
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer | None) -> None:
-        self._raise_for_read_loss_checks(wait=False)
-        pending, self._pending_loss_check = self._pending_loss_check, None
-        if pending is not None:
-            # Under DDP the averaged gradients are non-finite on every process if one loss was: all must skip.
-            pending = (finite_on_every_process(pending[0]), pending[1])
-        skips_on_device = optimizer is not None and optimizer.defaults.get("fused") is True
-        if skips_on_device:
-            # The fused AdamW kernel leaves weights, moments and step counts untouched where `found_inf` is set, so
-            # this step needs no host read: its flag is copied out now and read once computed (at a later step,
-            # before any checkpoint is written and at the end of training), raising then.
-            optimizer.found_inf = None if pending is None else (~pending[0]).to(torch.float32)
-            if pending is not None:
-                self._loss_checks.append(LossCheck.queue(self.global_step, *pending))
-            return
-        # Otherwise one host read per optimiser step, after the backward pass has been queued; raising here skips
-        # the step, so the weights in memory and every saved checkpoint stay finite.
-        if pending is not None and not bool(pending[0]):
-            raise non_finite_loss_error(float(pending[1]), self.global_step)
-
-    def _raise_for_read_loss_checks(self, wait: bool) -> None:
-        """Raise for the first non-finite loss among the queued checks whose flags have arrived (all, if `wait`)."""
-        waiting = []
-        for check in self._loss_checks:
-            if not check.arrived(wait):
-                waiting.append(check)
-                continue
-            finite, loss = check.values.tolist()
-            if not finite:
-                self._loss_checks = []
-                raise non_finite_loss_error(loss, check.step)
-        self._loss_checks = waiting
-
-    def on_train_end(self) -> None:
-        self._raise_for_read_loss_checks(wait=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         self._check_batch_unless_done_on_host(batch)
@@ -237,6 +144,10 @@ class GeneratorModule(L.LightningModule):
         loss = self.generator(bits, labels, None, generator=generator)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=bits.shape[0])
         return loss
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The non-finite-loss check, attached by every Trainer that fits this module: no run can go without it."""
+        return [self.loss_check]
 
     def configure_optimizers(self) -> dict[str, Any]:
         optim = self.hparams.optim
@@ -278,8 +189,6 @@ class GeneratorModule(L.LightningModule):
 
     # ----------------------------------------------------------------- state
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # A step whose loss was non-finite was skipped on the device; no checkpoint is written after it.
-        self._raise_for_read_loss_checks(wait=True)
         checkpoint["random_ratio"] = self.random_ratio
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
