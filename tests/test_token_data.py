@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from bar_lightning.config.schema import ConfigError, validate_train_config
 from bar_lightning.data.tokens import (
     PretokenizedTokens,
     SyntheticBitTokens,
@@ -17,6 +18,8 @@ from bar_lightning.data.tokens import (
     write_token_npz,
 )
 from bar_lightning.lightning.token_datamodule import TokenDataModule
+
+from .test_configs import compose_train
 
 TOKENS = 4
 BITS_PER_TOKEN = 3
@@ -376,17 +379,29 @@ def test_trainer_sets_epoch_for_flip_choice(token_folder):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (dict(source="imagenet"), "source must be one of"),
-        (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
-        (dict(source="pretokenized", root=None), "needs root"),
-        (dict(source="pretokenized", root="x", val_num_samples=4), "val_num_samples=4"),
-        (dict(flip_probability=1.5), "flip_probability"),
-        (dict(num_workers=-1), "num_workers"),
+        (["data.source=imagenet"], r"data\.source='imagenet'"),
+        (["data.batch_size=0"], r"data\.batch_size=0 must be positive"),
+        (["data.source=pretokenized"], r"data\.source=pretokenized needs data\.root"),
+        (["data.source=pretokenized", "data.root=x", "data.val_num_samples=4"], r"data\.val_num_samples=4 applies only"),
+        (["data.flip_probability=1.5"], r"data\.flip_probability=1\.5 must be in \[0, 1\]"),
+        (["data.num_workers=-1"], r"data\.num_workers=-1"),
+        (["data.seed=-1"], r"data\.seed=-1 must be >= 0"),
+        (["data.persistent_workers=true"], r"data\.persistent_workers=true needs worker processes"),
+        (["data.synthetic_num_samples=0"], r"data\.synthetic_num_samples=0 must be positive"),
+        (["data.synthetic_noise=-0.1"], r"data\.synthetic_noise=-0\.1 must be in \[0, 1\]"),
+        (["data.val_num_samples=-1"], r"data\.val_num_samples=-1 must be >= 0"),
     ],
 )
-def test_datamodule_rejects_bad_arguments(overrides, message):
-    with pytest.raises(ValueError, match=message):
-        _datamodule(**overrides)
+def test_bad_data_settings_stop_at_the_config_naming_the_key(overrides, message):
+    # The values are checked once, by the config (TokenDataModule trusts them); the files when setup reads them.
+    cfg = compose_train(["experiment=tiny_generator", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        validate_train_config(cfg)
+
+
+def test_datamodule_built_by_hand_refuses_an_unknown_source():
+    with pytest.raises(ValueError, match="source='imagenet' is not a token source"):
+        _datamodule(source="imagenet").setup("fit")
 
 
 def test_datamodule_rejects_more_classes_than_num_classes(token_folder):

@@ -354,6 +354,40 @@ def check_num_workers(value: Any) -> None:
                       "(the cores of this machine per training process)")
 
 
+def check_token_data(data: DictConfig, model: DictConfig) -> None:
+    """The generator's `data` values, the one place they are checked (`TokenDataModule` trusts them); the token
+    files themselves are checked where they are read (`data/tokens.py`, `TokenDataModule.setup`)."""
+    if data.source not in ("synthetic", "pretokenized"):
+        raise ConfigError(f"data.source={data.source!r}: use 'synthetic' or 'pretokenized'")
+    if data.source == "pretokenized" and not data.root:
+        raise ConfigError("data.source=pretokenized needs data.root=<folder with train/<class>/*.npz>")
+    if data.batch_size <= 0:
+        raise ConfigError(f"data.batch_size={data.batch_size} must be positive")
+    for key, model_key in (("tokens", "num_tokens"), ("bits_per_token", "bits_per_token"), ("num_classes", "num_classes")):
+        if data[key] != model[model_key]:
+            raise ConfigError(f"data.{key}={data[key]} does not match model.{model_key}={model[model_key]}")
+    if data.persistent_workers and data.num_workers == 0:
+        raise ConfigError("data.persistent_workers=true needs worker processes: set data.num_workers > 0 (or auto), "
+                          "or data.persistent_workers=false")
+    if not 0.0 <= data.flip_probability <= 1.0:
+        raise ConfigError(f"data.flip_probability={data.flip_probability} must be in [0, 1] (the chance that an "
+                          "image is read as its horizontally flipped tokens)")
+    if data.seed < 0:
+        raise ConfigError(f"data.seed={data.seed} must be >= 0 (it follows the top-level seed unless set)")
+    if data.source == "pretokenized":
+        if data.val_num_samples:
+            raise ConfigError(f"data.val_num_samples={data.val_num_samples} applies only to data.source=synthetic "
+                              "(pretokenized data has no validation split here); set it to 0")
+        return
+    if data.synthetic_num_samples <= 0:
+        raise ConfigError(f"data.synthetic_num_samples={data.synthetic_num_samples} must be positive")
+    if not 0.0 <= data.synthetic_noise <= 1.0:
+        raise ConfigError(f"data.synthetic_noise={data.synthetic_noise} must be in [0, 1] (the chance that a bit "
+                          "differs from its class prototype)")
+    if data.val_num_samples < 0:
+        raise ConfigError(f"data.val_num_samples={data.val_num_samples} must be >= 0 (0: no validation set)")
+
+
 def validate_train_config(cfg: DictConfig) -> DictConfig:
     """Validate a composed training config before any model or data is built."""
     task = cfg.get("task", None)
@@ -384,7 +418,7 @@ def validate_train_config(cfg: DictConfig) -> DictConfig:
         return merged
     bits_per_step = check_generator_model(merged.model)
     check_sampling(merged.sampling, bits_per_step, merged.model.head)
-    training, optim, data = merged.training, merged.optim, merged.data
+    training, optim = merged.training, merged.optim
     if not 0.0 <= training.class_label_dropout < 1.0:
         raise ConfigError(f"training.class_label_dropout={training.class_label_dropout} must be in [0, 1)")
     if training.compile_mode is not None and training.compile_mode not in TRAINING_COMPILE_MODES:
@@ -412,15 +446,7 @@ def validate_train_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"optim.betas={list(optim.betas)} must have two values")
     if optim.no_decay_rule not in ("upstream", "none"):
         raise ConfigError(f"optim.no_decay_rule={optim.no_decay_rule!r}: use 'upstream' or 'none'")
-    if data.source not in ("synthetic", "pretokenized"):
-        raise ConfigError(f"data.source={data.source!r}: use 'synthetic' or 'pretokenized'")
-    if data.source == "pretokenized" and not data.root:
-        raise ConfigError("data.source=pretokenized needs data.root=<folder with train/<class>/*.npz>")
-    if data.batch_size <= 0:
-        raise ConfigError(f"data.batch_size={data.batch_size} must be positive")
-    for key, model_key in (("tokens", "num_tokens"), ("bits_per_token", "bits_per_token"), ("num_classes", "num_classes")):
-        if data[key] != merged.model[model_key]:
-            raise ConfigError(f"data.{key}={data[key]} does not match model.{model_key}={merged.model[model_key]}")
+    check_token_data(merged.data, merged.model)
     if any(not 0 <= c < merged.model.num_classes for c in training.preview_classes):
         raise ConfigError(
             f"training.preview_classes={list(training.preview_classes)} has a class outside 0..{merged.model.num_classes - 1}"

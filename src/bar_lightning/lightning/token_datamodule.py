@@ -21,8 +21,6 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from bar_lightning.data.tokens import PretokenizedTokens, SyntheticBitTokens
 
-SOURCES = ("pretokenized", "synthetic")
-
 # Offset of the held-out synthetic set's sample seed: same class prototypes, independent noise draws.
 _VAL_SAMPLE_SEED_OFFSET = 1_000_003
 
@@ -163,6 +161,11 @@ class TokenDataModule(EpochSyncedDataModule):
     ``val_num_samples`` > 0 adds a held-out synthetic validation set (same class prototypes, different sample
     seed); pretokenized data has no validation split here (upstream pretokenizes only ``train``).
     ``pin_memory``/``persistent_workers`` default to "CUDA available"/"num_workers > 0".
+
+    The arguments are the ``data`` values that ``validate_train_config`` checked (``check_token_data``) and are
+    trusted here; the token files are checked when ``setup`` reads them. Built by hand, a bad value is refused
+    where it is used (the datasets, the DataLoader, ``setup`` for an unknown source), except ``val_num_samples``,
+    which below 1 or with pretokenized data only means no validation set.
     """
 
     def __init__(
@@ -186,41 +189,6 @@ class TokenDataModule(EpochSyncedDataModule):
         split: str = "train",
     ) -> None:
         super().__init__()
-        if source not in SOURCES:
-            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-        for name, value in (
-            ("batch_size", batch_size),
-            ("tokens", tokens),
-            ("bits_per_token", bits_per_token),
-            ("num_classes", num_classes),
-        ):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        if not 0.0 <= flip_probability <= 1.0:
-            raise ValueError(f"flip_probability must be in [0, 1], got {flip_probability}")
-        if seed < 0:
-            raise ValueError(f"seed must be non-negative, got {seed}")
-        if persistent_workers and num_workers == 0:
-            raise ValueError("persistent_workers=True needs num_workers > 0, got num_workers=0")
-        if source == "pretokenized":
-            if not root:
-                raise ValueError(
-                    "source='pretokenized' needs root (the folder holding metadata.json and train/), got "
-                    f"{root!r}; use source='synthetic' to train without pretokenized data"
-                )
-            if val_num_samples:
-                raise ValueError(
-                    f"val_num_samples={val_num_samples} applies only to source='synthetic'; set it to 0"
-                )
-        else:
-            if synthetic_num_samples <= 0:
-                raise ValueError(f"synthetic_num_samples must be positive, got {synthetic_num_samples}")
-            if not 0.0 <= synthetic_noise <= 1.0:
-                raise ValueError(f"synthetic_noise must be in [0, 1], got {synthetic_noise}")
-            if val_num_samples < 0:
-                raise ValueError(f"val_num_samples must be >= 0, got {val_num_samples}")
         self.save_hyperparameters()
         self.source = source
         self.root = root
@@ -267,7 +235,7 @@ class TokenDataModule(EpochSyncedDataModule):
                     f"{len(dataset.classes) - 1}, but num_classes={self.num_classes}; set num_classes to at least "
                     f"{len(dataset.classes)}"
                 )
-        else:
+        elif self.source == "synthetic":
             dataset = SyntheticBitTokens(
                 self.synthetic_num_samples,
                 self.num_classes,
@@ -286,6 +254,9 @@ class TokenDataModule(EpochSyncedDataModule):
                     noise=self.synthetic_noise,
                     sample_seed=self.seed + _VAL_SAMPLE_SEED_OFFSET,
                 )
+        else:
+            # Not a repeat of the config's check: a module built by hand would otherwise train on synthetic tokens.
+            raise ValueError(f"source={self.source!r} is not a token source; use 'pretokenized' or 'synthetic'")
         if self.drop_last and len(dataset) < self.batch_size:
             from bar_lightning.config.schema import ConfigError
 
