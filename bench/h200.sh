@@ -2,7 +2,7 @@
 # The H200 benchmark session, one device call per part; JSON and logs under $OUT.
 #   bash bench/h200.sh sampling | training | graphs | strategies | final | memory | diagnose | tokenizer |
 #                      official_tokenizer | side_by_side | official_compiled | half | evaluation_batches |
-#                      training_side_by_side
+#                      training_side_by_side | after_move
 # Needs the wheels of ../shared/tools/device-wheels.sh in .whl (Hydra, webdataset, torch-fidelity); official_tokenizer
 # also the official requirements (transformers 4.56.1, timm, accelerate and theirs) there and the official code
 # exported to .upstream/bar (bench/official_tokenizer.py says how).
@@ -137,6 +137,14 @@ case "${1:-sampling}" in
     timeout 190 python3 official_training.py --config bar_b --out "$OUT/official_training_bar_b.json" 2>&1 | quiet | tail -2
     timeout 110 python3 training.py --experiments bar_b --variants compile \
       --out "$OUT/training_bar_b_again.json" 2>&1 | quiet | tail -3
+    ;;
+  after_move)
+    # Issue 18: every GPU test after the restructuring (sampler apart from the network, retired decode variants,
+    # the non-finite-loss callback, defaults in the YAML). Inner limits add up to 540 s.
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_sampling.py 2>&1 | tail -6 | tee "$OUT/gpu_sampling_tests.log"
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_training.py tests/test_non_finite_loss.py 2>&1 \
+      | tail -6 | tee "$OUT/gpu_training_tests.log"
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_tokenizer.py 2>&1 | tail -6 | tee "$OUT/gpu_tokenizer_tests.log"
     ;;
   official_tokenizer)
     # The official tokenizer step (its compile_model: true), both phases, on the same card.
