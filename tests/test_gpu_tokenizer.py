@@ -49,7 +49,10 @@ def test_full_size_tokenizer_takes_a_generator_and_a_discriminator_step(tmp_path
         ["experiment=bar_fsq_16bits", "data=synthetic_images", "data.batch_size=4", "data.num_workers=0",
          f"paths.pretrained_dir={tmp_path / 'pretrained'}", "training.discriminator_start=0", "trainer.max_steps=2",
          "trainer.precision=bf16-mixed", "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
-         "trainer.enable_model_summary=false", "logger=none", "callbacks=none"],
+         "trainer.enable_model_summary=false", "logger=none", "callbacks=none",
+         # the step itself, eager: the compiled step (the default) is timed by bench/tokenizer_training.py and
+         # compiling the full-size modules takes ~150 s
+         "training.compile=false"],
         tmp_path / "run",
     ))
     written = write_stand_in_weights(cfg)

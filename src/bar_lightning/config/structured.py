@@ -254,7 +254,7 @@ class TokenizerTrainingConfig:
     gradient_clip_val: float = MISSING
     encoder_init_weights: str | None = MISSING
     # torch.compile the tokenizer's and the losses' forward (the official recipe's compile_model: true); ignored on
-    # CPU and under FSDP. Off until measured (docs/benchmarks.md, "Tokenizer training").
+    # CPU and under FSDP.
     compile: bool = MISSING
 
 
