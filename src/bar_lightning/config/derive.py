@@ -202,11 +202,13 @@ def upstream_sampling_settings(upstream_config: dict[str, Any]) -> dict[str, Any
 
 
 def sampling_group(name: str) -> dict[str, Any]:
-    """The values of conf/sampling/<name>.yaml."""
+    """The sampling method's values of conf/sampling/<name>.yaml (not its defaults list: the GPU speed settings it
+    includes are evaluate.py's own)."""
     from bar_lightning.paths import config_dir
 
     path = config_dir() / "sampling" / f"{name}.yaml"
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    values = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return {key: value for key, value in values.items() if key in SAMPLING_METHOD_KEYS}
 
 
 def model_sampling_settings(generator_source: DictConfig) -> tuple[dict[str, Any], str] | None:
