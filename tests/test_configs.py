@@ -207,3 +207,13 @@ def test_a_key_no_yaml_sets_stops_the_run_naming_it():
     with pytest.raises(ConfigError, match=r"no value for sampling\.precision, trainer\.log_every_n_steps: set it on the "
                                           r"command line \(e\.g\. sampling\.precision=\.\.\.\)"):
         validate_train_config(cfg)
+
+
+def test_every_task_and_data_source_the_schema_accepts_has_a_builder():
+    from bar_lightning.config.structured import IMAGE_DATA_SOURCES
+    from bar_lightning.run import IMAGE_DATA_MODULES, TRAINING_JOBS
+
+    assert set(TRAINING_JOBS) == set(SCHEMAS)
+    assert set(IMAGE_DATA_MODULES) == set(IMAGE_DATA_SOURCES)
+    with pytest.raises(ConfigError, match=r"data\.source='tfrecord': use one of synthetic, pretokenized"):
+        validate_train_config(compose_train(["experiment=tiny_generator", "data.source=tfrecord"]))

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from bar_lightning.config.schema import validate_train_config
-from bar_lightning.run import build_tokenizer_job, initialise_encoder
+from bar_lightning.run import build_tokenizer_job
 from bar_lightning.stand_in_weights import vgg16_state, write_stand_in_weights
 
 from .test_configs import compose_train
@@ -32,15 +32,19 @@ def test_stand_ins_land_where_the_config_reads_and_the_real_loaders_take_them(tm
         "training.encoder_init_weights": "siglip2-so400m-patch16-naflex/model.safetensors",
     }
     assert not list(pretrained.rglob("*.partial"))
-    module, _ = build_tokenizer_job(cfg)  # LPIPS, Gram, ConvNeXt and DINO read their files strictly
+    # LPIPS, Gram, ConvNeXt and DINO read their files strictly; a fresh run's encoder starts from SigLIP2's
+    module, _ = build_tokenizer_job(cfg)
     siglip = load_file(str(written["training.encoder_init_weights"]))
     assert "vision_model.encoder.layers.1.mlp.fc1.weight" in siglip
-    initialise_encoder(module, str(written["training.encoder_init_weights"]))
     encoder = module.tokenizer.encoder
     torch.testing.assert_close(encoder.frozen_layers[1].mlp.fc1.weight,
                                siglip["vision_model.encoder.layers.1.mlp.fc1.weight"], rtol=0, atol=0)
     # The trainable branch starts as a copy of the frozen one, as with the real SigLIP2 file.
     torch.testing.assert_close(encoder.trainable_layers[1].mlp.fc1.weight, encoder.frozen_layers[1].mlp.fc1.weight)
+    # A resumed run takes its encoder from the checkpoint: the SigLIP2 file is not loaded over it.
+    resumed, _ = build_tokenizer_job(cfg, resuming=True)
+    assert not torch.equal(resumed.tokenizer.encoder.frozen_layers[1].mlp.fc1.weight,
+                           siglip["vision_model.encoder.layers.1.mlp.fc1.weight"])
 
 
 def test_an_existing_file_is_never_replaced(tmp_path):

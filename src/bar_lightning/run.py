@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,8 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
     )
 
 
-def build_generator_job(cfg: DictConfig) -> tuple[GeneratorModule, TokenDataModule]:
+def build_generator_job(cfg: DictConfig, *, resuming: bool = False) -> tuple[GeneratorModule, TokenDataModule]:
+    """The generator and its bit-token data (`data.source`: synthetic or pretokenized, both TokenDataModule)."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     module = GeneratorModule(
         model=plain["model"], optim=plain["optim"], training=plain["training"], sampling=plain["sampling"],
@@ -133,7 +135,32 @@ def build_generator_job(cfg: DictConfig) -> tuple[GeneratorModule, TokenDataModu
     return module, datamodule
 
 
-def build_tokenizer_job(cfg: DictConfig) -> tuple[TokenizerModule, L.LightningDataModule]:
+def synthetic_image_data(data: dict[str, Any]) -> SyntheticImageDataModule:
+    """`data.source=synthetic` of a tokenizer run: seeded random images of the crop size."""
+    return SyntheticImageDataModule(
+        image_size=data["crop_size"], batch_size=data["batch_size"], num_samples=data["synthetic_num_samples"],
+        val_num_samples=data["synthetic_val_num_samples"], seed=data["seed"], num_workers=data["num_workers"],
+    )
+
+
+def webdataset_image_data(data: dict[str, Any]) -> ImageDataModule:
+    """`data.source=webdataset` of a tokenizer run: the shards, checked before any data is read (a wrong path fails
+    naming its key)."""
+    check_shard_sources(train_shards=data["train_shards"], eval_shards=data["eval_shards"])
+    unused = ("source", "synthetic_num_samples", "synthetic_val_num_samples")
+    return ImageDataModule(**{key: value for key, value in data.items() if key not in unused})
+
+
+# The image DataModule of each `data.source` of a tokenizer run (config/structured.py's IMAGE_DATA_SOURCES).
+IMAGE_DATA_MODULES: dict[str, Callable[[dict[str, Any]], L.LightningDataModule]] = {
+    "synthetic": synthetic_image_data,
+    "webdataset": webdataset_image_data,
+}
+
+
+def build_tokenizer_job(cfg: DictConfig, *, resuming: bool = False) -> tuple[TokenizerModule, L.LightningDataModule]:
+    """The tokenizer (its encoder initialised from `training.encoder_init_weights` unless `resuming`) and its image
+    data (`IMAGE_DATA_MODULES`)."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     encoder_init = plain["training"].get("encoder_init_weights")
     if encoder_init and not Path(encoder_init).is_file():
@@ -147,19 +174,9 @@ def build_tokenizer_job(cfg: DictConfig) -> tuple[TokenizerModule, L.LightningDa
         model=plain["model"], loss=plain["loss"], discriminator=plain["discriminator"], optim=plain["optim"],
         training=plain["training"], evaluation=plain["evaluation"], tags=plain["tags"],
     )
-    if plain["data"]["source"] != "synthetic":
-        # Before any data is read: a wrong shard path fails naming its key (after the pretrained-file checks).
-        check_shard_sources(train_shards=plain["data"]["train_shards"], eval_shards=plain["data"]["eval_shards"])
-    data = dict(plain["data"])
-    source = data.pop("source")
-    synthetic_samples, synthetic_val = data.pop("synthetic_num_samples"), data.pop("synthetic_val_num_samples")
-    if source == "synthetic":
-        datamodule: L.LightningDataModule = SyntheticImageDataModule(
-            image_size=data["crop_size"], batch_size=data["batch_size"], num_samples=synthetic_samples,
-            val_num_samples=synthetic_val, seed=data["seed"], num_workers=data["num_workers"],
-        )
-    else:
-        datamodule = ImageDataModule(**data)
+    datamodule = IMAGE_DATA_MODULES[plain["data"]["source"]](plain["data"])  # shard paths checked before the load
+    if encoder_init and not resuming:
+        initialise_encoder(module, encoder_init)
     return module, datamodule
 
 
@@ -172,6 +189,13 @@ def initialise_encoder(module: TokenizerModule, weights: str) -> None:
     if module.ema is not None:
         module.ema.averaged.load_state_dict(module.tokenizer.state_dict())
     log.info("initialised the tokenizer encoder from %s", weights)
+
+
+# What train.py builds for each `task` (the schemas of config/structured.py name the same tasks).
+TRAINING_JOBS: dict[str, Callable[..., tuple[L.LightningModule, L.LightningDataModule]]] = {
+    "generator": build_generator_job,
+    "tokenizer": build_tokenizer_job,
+}
 
 
 def resolve_num_workers(cfg: DictConfig) -> None:
@@ -308,12 +332,7 @@ def _fit(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resolve_ckpt_path(cfg)
     L.seed_everything(cfg.seed, workers=True)
     resolve_num_workers(cfg)
-    if cfg.task == "tokenizer":
-        module, datamodule = build_tokenizer_job(cfg)
-        if cfg.training.encoder_init_weights and ckpt_path is None:
-            initialise_encoder(module, cfg.training.encoder_init_weights)
-    else:
-        module, datamodule = build_generator_job(cfg)
+    module, datamodule = TRAINING_JOBS[cfg.task](cfg, resuming=ckpt_path is not None)
     trainer = build_trainer(cfg)
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
     # Every process of a multi-process run composes the same config into the same run directory; one writes it.

@@ -18,7 +18,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from bar_lightning.config.structured import (  # noqa: F401 - the schemas, re-exported with the checks
+    IMAGE_DATA_SOURCES,
     SCHEMAS,
+    TOKEN_DATA_SOURCES,
     TRAINING_COMPILE_MODES,
     AppConfig,
     ConfigError,
@@ -207,8 +209,8 @@ def validate_tokenizer_config(merged: DictConfig) -> None:
             "trainer=fsdp is not supported for the tokenizer: it uses manual optimisation with two optimisers, "
             "which Lightning's FSDP strategy does not support; use trainer=ddp"
         )
-    if data.source not in ("webdataset", "synthetic"):
-        raise ConfigError(f"data.source={data.source!r}: use 'webdataset' or 'synthetic'")
+    if data.source not in IMAGE_DATA_SOURCES:
+        raise ConfigError(f"data.source={data.source!r}: use one of {', '.join(IMAGE_DATA_SOURCES)}")
     if data.source == "webdataset" and not data.train_shards:
         raise ConfigError("data.source=webdataset needs data.train_shards=<shard pattern, e.g. /data/train-{000000..000320}.tar>")
     if data.crop_size != merged.model.get("image_size"):
@@ -357,8 +359,8 @@ def check_num_workers(value: Any) -> None:
 def check_token_data(data: DictConfig, model: DictConfig) -> None:
     """The generator's `data` values, the one place they are checked (`TokenDataModule` trusts them); the token
     files themselves are checked where they are read (`data/tokens.py`, `TokenDataModule.setup`)."""
-    if data.source not in ("synthetic", "pretokenized"):
-        raise ConfigError(f"data.source={data.source!r}: use 'synthetic' or 'pretokenized'")
+    if data.source not in TOKEN_DATA_SOURCES:
+        raise ConfigError(f"data.source={data.source!r}: use one of {', '.join(TOKEN_DATA_SOURCES)}")
     if data.source == "pretokenized" and not data.root:
         raise ConfigError("data.source=pretokenized needs data.root=<folder with train/<class>/*.npz>")
     if data.batch_size <= 0:

@@ -97,6 +97,11 @@ class SamplingConfig:
     precision: str = MISSING  # fp32 (official numerics, TF32 matmuls allowed) or bf16 (autocast, bf16 KV cache)
 
 
+# The `data.source` values of each task; run.py builds a DataModule for each (TokenDataModule; IMAGE_DATA_SOURCES).
+TOKEN_DATA_SOURCES = ("synthetic", "pretokenized")
+IMAGE_DATA_SOURCES = ("webdataset", "synthetic")
+
+
 @dataclass
 class TokenDataConfig:
     source: str = MISSING
