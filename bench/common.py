@@ -118,6 +118,26 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+class TimedBatches:
+    """A loader for an official training loop: `count` batches made by `batch(index)`, the clock read (after a
+    device synchronisation) at each take and once after the last, so `times` brackets every step the loop runs."""
+
+    def __init__(self, batch: Callable[[int], Any], count: int) -> None:
+        self.batch, self.count = batch, count
+        self.times: list[float] = []
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        for index in range(self.count):
+            synchronize()
+            self.times.append(time.perf_counter())
+            yield self.batch(index)
+        synchronize()
+        self.times.append(time.perf_counter())
+
+
 class StepTimer(L.Callback):
     """Wall time of every training batch, synchronised at both ends."""
 

@@ -39,7 +39,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from common import machine, synchronize, write_results  # noqa: E402
+from common import TimedBatches, machine, write_results  # noqa: E402
 
 SIGLIP2_SO400M_VISION = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
                          "num_attention_heads": 16, "patch_size": 16, "num_patches": 256, "num_channels": 3}
@@ -86,25 +86,6 @@ def install_replacements(workdir: Path) -> None:
         scipy = types.ModuleType("scipy")
         scipy.linalg = types.ModuleType("scipy.linalg")
         sys.modules.update({"scipy": scipy, "scipy.linalg": scipy.linalg})
-
-
-class TimedBatches:
-    """The loader the official loop iterates: `count` copies of one random batch, timed at each take."""
-
-    def __init__(self, images: torch.Tensor, count: int) -> None:
-        self.images, self.count = images, count
-        self.times: list[float] = []
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __iter__(self):
-        for index in range(self.count):
-            synchronize()
-            self.times.append(time.perf_counter())
-            yield {"image": self.images, "__key__": [f"{index}_{i}" for i in range(len(self.images))]}
-        synchronize()
-        self.times.append(time.perf_counter())
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -156,7 +137,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = accelerator.device
     generator = torch.Generator(device=device).manual_seed(0)
     images = torch.rand(args.batch, 3, 256, 256, device=device, generator=generator) * 2 - 1
-    batches = TimedBatches(images, steps)
+    # The loader the official loop iterates: one random batch, taken `steps` times, with the keys it logs.
+    batches = TimedBatches(lambda index: {"image": images, "__key__": [f"{index}_{i}" for i in range(len(images))]},
+                           steps)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()

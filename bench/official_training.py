@@ -32,26 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from common import machine, synchronize, write_results  # noqa: E402
-
-
-class TimedTokenBatches:
-    """The loader the official loop iterates: `count` copies of one pretokenized batch, timed at each take."""
-
-    def __init__(self, conditions: torch.Tensor, tokens: torch.Tensor, count: int) -> None:
-        self.conditions, self.tokens, self.count = conditions, tokens, count
-        self.times: list[float] = []
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __iter__(self):
-        for _ in range(self.count):
-            synchronize()
-            self.times.append(time.perf_counter())
-            yield self.conditions, self.tokens
-        synchronize()
-        self.times.append(time.perf_counter())
+from common import TimedBatches, machine, write_results  # noqa: E402
 
 
 @torch.no_grad()
@@ -104,7 +85,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tokens = torch.randint(0, 2, (args.batch, bits_per_image), device=device, generator=generator)
     conditions = torch.randint(0, config.model.generator.condition_num_classes, (args.batch,), device=device,
                                generator=generator)
-    batches = TimedTokenBatches(conditions, tokens, steps)
+    # The loader the official loop iterates: one pretokenized batch, taken `steps` times.
+    batches = TimedBatches(lambda index: (conditions, tokens), steps)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
