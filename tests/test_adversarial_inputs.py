@@ -212,6 +212,11 @@ def test_checkpoints_whose_hyper_parameters_claim_a_huge_network_are_refused_unb
     torch.save(generator, tmp_path / "odd_generator.ckpt")
     with pytest.raises(CheckpointReadError, match=r"hyper-parameters are not a valid generator .*num_heads"):
         load_generator_from_source(OmegaConf.create({"checkpoint": str(tmp_path / "odd_generator.ckpt")}))
+    del generator["hyper_parameters"]["model"]["head"]
+    torch.save(generator, tmp_path / "headless_generator.ckpt")
+    with pytest.raises(CheckpointReadError, match=r"headless_generator\.ckpt: its hyper-parameters are not a valid "
+                                                  r"generator \(no value for head in its model hyper-parameters\)$"):
+        load_generator_from_source(OmegaConf.create({"checkpoint": str(tmp_path / "headless_generator.ckpt")}))
 
 
 def test_official_yamls_with_interpolations_and_bad_values_name_file_and_entry(tmp_path, upstream_a1):

@@ -219,9 +219,10 @@ def validate_tokenizer_config(merged: DictConfig) -> None:
         raise ConfigError("evaluation.rfid=true needs evaluation.inception_weights=<FID Inception weights file>")
 
 
-def merge_with_schema(cfg: DictConfig, schema: type) -> DictConfig:
+def merge_with_schema(cfg: DictConfig, schema: type, *, written_by: str | None = None) -> DictConfig:
     """Merge `cfg` into `schema`; unknown keys, wrong types and keys without a value raise ConfigError with the key
-    path."""
+    path. `written_by`: where `cfg` came from when it is not a composed config the user can fix on the command line
+    (e.g. a checkpoint's hyper-parameters)."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
         OmegaConf.resolve(merged)
@@ -229,6 +230,8 @@ def merge_with_schema(cfg: DictConfig, schema: type) -> DictConfig:
         # OmegaConf's message names the key and the types; its traceback (merge internals) would bury it.
         raise ConfigError(f"invalid configuration: {error}{closest_key_hint(error, schema)}") from None
     unset = sorted(OmegaConf.missing_keys(merged))
+    if unset and written_by is not None:
+        raise ConfigError(f"no value for {', '.join(unset)} in {written_by}")
     if unset:
         # The schemas type every key and give no values: conf/ holds each default once, so a key no yaml sets is
         # a config that was assembled without its group (or a value set to ???), not a default to fall back on.

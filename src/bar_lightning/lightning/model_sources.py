@@ -42,7 +42,7 @@ def load_generator_from_source(source: DictConfig) -> BARGenerator:
                                             mmap=True)
         model = checkpoint["hyper_parameters"]["model"]
         try:
-            check_generator_model(merge_with_schema(model, GeneratorModelConfig))
+            check_generator_model(merge_with_schema(model, GeneratorModelConfig, written_by="its model hyper-parameters"))
         except ConfigError as error:
             raise CheckpointReadError(f"{what}: its hyper-parameters are not a valid generator ({error})") from None
         weights = {key.removeprefix("generator."): value for key, value in checkpoint["state_dict"].items()}
