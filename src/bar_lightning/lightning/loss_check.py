@@ -1,6 +1,6 @@
 """The non-finite-loss check of a training run, as a callback: a bad loss stops training before its step applies.
 
-The module hands every micro-batch loss to :meth:`NonFiniteLossCheck.note` (a device-side and, no host read); the
+The module hands every micro-batch loss to :meth:`NonFiniteLossCheck.note` (a device-side "and"; no host read); the
 callback resolves the check in `on_before_optimizer_step`, after the backward pass has been queued:
 
 * with a fused AdamW the flag becomes the optimiser's `found_inf`, so the kernel skips a bad step on the device, and
