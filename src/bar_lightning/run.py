@@ -125,7 +125,10 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
 
 
 def build_generator_job(cfg: DictConfig, *, resuming: bool = False) -> tuple[GeneratorModule, TokenDataModule]:
-    """The generator and its bit-token data (`data.source`: synthetic or pretokenized, both TokenDataModule)."""
+    """The generator and its bit-token data (`data.source`: synthetic or pretokenized, both TokenDataModule).
+
+    `resuming` is the builders' common signature (`TRAINING_JOBS`); a fresh generator run loads nothing extra.
+    """
     plain = OmegaConf.to_container(cfg, resolve=True)
     module = GeneratorModule(
         model=plain["model"], optim=plain["optim"], training=plain["training"], sampling=plain["sampling"],
