@@ -196,7 +196,10 @@ class PathsConfig:
 
 
 @dataclass
-class GeneratorTrainConfig:
+class TrainRunConfig:
+    """The keys every train.py run has, whatever its task; `GeneratorTrainConfig` and `TokenizerTrainConfig` add the
+    task's own sections."""
+
     task: str = MISSING
     experiment_name: str = MISSING
     tags: list[str] = MISSING
@@ -204,19 +207,24 @@ class GeneratorTrainConfig:
     seed: int = MISSING
     float32_matmul_precision: str = MISSING
     ckpt_path: str | None = MISSING
-    # A generator over 50M parameters on a CPU-only run is refused (plain `python train.py` is BAR-B) unless true.
+    # A generator over 50M parameters on a CPU-only run is refused (plain `python train.py` is BAR-B) unless true
+    # (a tokenizer run carries the key, the check applies to generators).
     allow_large_model_on_cpu: bool = MISSING
-    model: GeneratorModelConfig = field(default_factory=GeneratorModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    training: GeneratorTrainingConfig = field(default_factory=GeneratorTrainingConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    data: TokenDataConfig = field(default_factory=TokenDataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
     callbacks: dict[str, Any] = MISSING
     logger: dict[str, Any] = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+@dataclass
+class GeneratorTrainConfig(TrainRunConfig):
+    model: GeneratorModelConfig = field(default_factory=GeneratorModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    training: GeneratorTrainingConfig = field(default_factory=GeneratorTrainingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    data: TokenDataConfig = field(default_factory=TokenDataConfig)
 
 
 @dataclass
@@ -298,15 +306,7 @@ class ImageDataConfig:
 
 
 @dataclass
-class TokenizerTrainConfig:
-    task: str = MISSING
-    experiment_name: str = MISSING
-    tags: list[str] = MISSING
-    print_config: bool = MISSING
-    seed: int = MISSING
-    float32_matmul_precision: str = MISSING
-    ckpt_path: str | None = MISSING
-    allow_large_model_on_cpu: bool = MISSING  # (the check applies to generators)
+class TokenizerTrainConfig(TrainRunConfig):
     model: dict[str, Any] = MISSING
     loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
     discriminator: dict[str, Any] | None = MISSING
@@ -314,12 +314,6 @@ class TokenizerTrainConfig:
     training: TokenizerTrainingConfig = field(default_factory=TokenizerTrainingConfig)
     evaluation: TokenizerEvaluationConfig = field(default_factory=TokenizerEvaluationConfig)
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
-    preview: PreviewConfig = field(default_factory=PreviewConfig)
-    callbacks: dict[str, Any] = MISSING
-    logger: dict[str, Any] = MISSING
-    paths: PathsConfig = field(default_factory=PathsConfig)
 
 
 SCHEMAS = {"generator": GeneratorTrainConfig, "tokenizer": TokenizerTrainConfig}
