@@ -75,12 +75,18 @@ def matmul_weights_per_row(model: BARGenerator) -> tuple[int, int]:
 
 MATMUL_TAGS = ("gemm", "cutlass", "sm90_xmma", "cublas", "matmul", "gemv", "nvjet")
 ATTENTION_TAGS = ("fmha", "attention", "flash", "attn")
+# cuDNN's convolution kernels (forward, data and weight gradients); some share the "sm90_xmma" prefix of GEMMs.
+CONVOLUTION_TAGS = ("fprop", "dgrad", "wgrad", "convolve", "conv2d", "winograd")
+# The NCHW <-> NHWC transposes cuDNN runs around tensor-core convolutions of channels-first tensors (what
+# channels_last would save).
+LAYOUT_TAGS = ("nchwtonhwc", "nhwctonchw")
 
 
 def kernel_table(prof: Any, on_cuda: bool, top: int = 25) -> dict[str, Any]:
-    """Device time by kernel family (matmul / attention / compiled Triton / other) and the `top` kernels of a
-    finished `torch.profiler.profile`."""
-    families = {"matmul": 0.0, "attention": 0.0, "triton_fused": 0.0, "other": 0.0}
+    """Device time by kernel family (matmul / convolution / layout conversion / attention / compiled Triton / other)
+    and the `top` kernels of a finished `torch.profiler.profile`."""
+    families = {"matmul": 0.0, "convolution": 0.0, "layout_conversion": 0.0, "attention": 0.0, "triton_fused": 0.0,
+                "other": 0.0}
     kernels, per_kernel = 0, []
     for event in prof.key_averages():
         device_us = event.device_time_total if on_cuda else event.self_cpu_time_total
@@ -92,11 +98,16 @@ def kernel_table(prof: Any, on_cuda: bool, top: int = 25) -> dict[str, Any]:
         kernels += event.count
         per_kernel.append({"kernel": event.key[:120], "calls": event.count, "total_s": device_us / 1e6,
                            "mean_us": device_us / event.count})
-        if any(tag in name for tag in MATMUL_TAGS):
-            families["matmul"] += device_us
-        elif any(tag in name for tag in ATTENTION_TAGS):
+        triton = name.startswith("triton")
+        if any(tag in name for tag in ATTENTION_TAGS):
             families["attention"] += device_us
-        elif name.startswith("triton"):
+        elif not triton and any(tag in name for tag in CONVOLUTION_TAGS):
+            families["convolution"] += device_us
+        elif not triton and any(tag in name for tag in LAYOUT_TAGS):
+            families["layout_conversion"] += device_us
+        elif any(tag in name for tag in MATMUL_TAGS):
+            families["matmul"] += device_us
+        elif triton:
             families["triton_fused"] += device_us
         else:
             families["other"] += device_us
@@ -113,6 +124,45 @@ def print_kernel_table(profile: dict[str, Any]) -> None:
         print(f"  {row['total_s']:8.4f} s {row['calls']:7d} x {row['mean_us']:8.1f} us  {row['kernel'][:100]}")
 
 
+def start_profiler() -> Any:
+    """An entered `torch.profiler.profile` of the device kernels (of the CPU operators without a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    profiler = profile(activities=[ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU])
+    profiler.__enter__()
+    return profiler
+
+
+def finish_profiler(profiler: Any, profiled_steps: int) -> dict[str, Any]:
+    """Stop an entered profiler (after the device finished its work) and return its `kernel_table`."""
+    synchronize()
+    profiler.__exit__(None, None, None)
+    table = kernel_table(profiler, torch.cuda.is_available())
+    table["profiled_steps"] = profiled_steps
+    return table
+
+
+class StepProfiler(L.Callback):
+    """Records the device kernels of the training batches `first_batch` .. `first_batch + num_batches - 1` (counted
+    from 0; one batch is one optimiser step of the generator, one G or D step of the tokenizer)."""
+
+    def __init__(self, first_batch: int, num_batches: int = 2) -> None:
+        self.first_batch, self.num_batches = first_batch, num_batches
+        self.batches_seen = 0
+        self.profiler = None
+        self.table: dict[str, Any] | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        if self.batches_seen == self.first_batch:
+            self.profiler = start_profiler()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        self.batches_seen += 1
+        if self.batches_seen == self.first_batch + self.num_batches and self.profiler is not None:
+            self.table = finish_profiler(self.profiler, self.num_batches)
+            self.profiler = None
+
+
 def synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -120,11 +170,13 @@ def synchronize() -> None:
 
 class TimedBatches:
     """A loader for an official training loop: `count` batches made by `batch(index)`, the clock read (after a
-    device synchronisation) at each take and once after the last, so `times` brackets every step the loop runs."""
+    device synchronisation) at each take and once after the last, so `times` brackets every step the loop runs.
+    With `profile_from`, the steps of that batch and the ones after it are recorded by torch.profiler (`table`)."""
 
-    def __init__(self, batch: Callable[[int], Any], count: int) -> None:
-        self.batch, self.count = batch, count
+    def __init__(self, batch: Callable[[int], Any], count: int, profile_from: int | None = None) -> None:
+        self.batch, self.count, self.profile_from = batch, count, profile_from
         self.times: list[float] = []
+        self.table: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return self.count
@@ -133,9 +185,13 @@ class TimedBatches:
         for index in range(self.count):
             synchronize()
             self.times.append(time.perf_counter())
+            if index == self.profile_from:
+                profiler = start_profiler()
             yield self.batch(index)
         synchronize()
         self.times.append(time.perf_counter())
+        if self.profile_from is not None and self.profile_from < self.count:
+            self.table = finish_profiler(profiler, self.count - self.profile_from)
 
 
 class StepTimer(L.Callback):

@@ -55,6 +55,35 @@ from bar_lightning.models.registry import build_tokenizer
 PER_SAMPLE_STAGES = ("sampling", "decoding", "inception_features", "to_host")
 
 
+class PrintedProgress:
+    """Stands in for evaluate.py's rich progress bar: a line every `every` seconds (and at the end of the loop), so
+    a run cut off at a device call's limit still says how far it got."""
+
+    every = 30.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.began = self.printed = time.perf_counter()
+        self.done = self.total = 0
+
+    def __enter__(self) -> PrintedProgress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def add_task(self, description: str, total: int) -> int:
+        self.total = total
+        return 0
+
+    def advance(self, task: int, advance: int) -> None:
+        self.done += advance
+        now = time.perf_counter()
+        if now - self.printed >= self.every or self.done >= self.total:
+            self.printed = now
+            print(f"progress: {self.done}/{self.total} samples, {now - self.began:.1f} s into the sampling loop",
+                  flush=True)
+
+
 def random_inception_weights(path: Path) -> Path:
     """torch-fidelity's Inception-v3 with random (He-initialised) weights, saved as its weights file."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -107,8 +136,12 @@ def main() -> None:
                         help="also time the statistics stage on this many samples' features (e.g. 50000)")
     parser.add_argument("--generator-override", nargs="*", default=[])
     parser.add_argument("--evaluate-override", nargs="*", default=[])
+    parser.add_argument("--progress-every", dest="progress_every", type=float, default=30.0,
+                        help="seconds between the progress lines of the sampling loop")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    PrintedProgress.every = args.progress_every
+    process_began = time.perf_counter()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     generator_model = compose_experiment(args.experiment, args.generator_override).model
@@ -131,6 +164,7 @@ def main() -> None:
     evaluate_module.load_generator_from_source = random_generator
     evaluate_module.load_tokenizer_from_source = random_tokenizer
     evaluate_module.model_source_record = lambda source: {"random weights": "bench/evaluation.py"}
+    evaluate_module.Progress = PrintedProgress
 
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
@@ -161,8 +195,10 @@ def main() -> None:
 
         metrics_module.InceptionFeatureStream.features = capturing_features
         began = time.perf_counter()
+        print(f"run_evaluation starts {began - process_began:.1f} s after the script", flush=True)
         result = evaluate_module.run_evaluation(cfg)
         wall = time.perf_counter() - began
+        print(f"metrics.json written {wall:.1f} s after run_evaluation started", flush=True)
         saved = json.loads((folder / "run" / "metrics.json").read_text())
         statistics_at_scale = None
         if args.statistics_samples:

@@ -39,7 +39,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from common import TimedBatches, machine, write_results  # noqa: E402
+from common import TimedBatches, machine, print_kernel_table, write_results  # noqa: E402
 
 SIGLIP2_SO400M_VISION = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
                          "num_attention_heads": 16, "patch_size": 16, "num_patches": 256, "num_channels": 3}
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config.experiment.output_dir = str(workdir / "output")
     # generator: the phase before discriminator_start; gan: G and D alternate from the first step.
     config.losses.discriminator_start = 100_000 if args.phase == "generator" else 0
-    assert steps < config.experiment.log_every, "logging, saving and evaluation stay out of the timed steps"
+    assert steps + 2 < config.experiment.log_every, "logging, saving and evaluation stay out of the timed steps"
 
     accelerator = Accelerator(mixed_precision="bf16", gradient_accumulation_steps=1)
     torch.backends.cuda.matmul.allow_tf32 = True  # the recipe's enable_tf32
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     images = torch.rand(args.batch, 3, 256, 256, device=device, generator=generator) * 2 - 1
     # The loader the official loop iterates: one random batch, taken `steps` times, with the keys it logs.
     batches = TimedBatches(lambda index: {"image": images, "__key__": [f"{index}_{i}" for i in range(len(images))]},
-                           steps)
+                           steps + (2 if args.profile else 0), profile_from=steps if args.profile else None)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -147,11 +147,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                  discriminator_optimizer, lr_scheduler, discriminator_lr_scheduler, batches, None,
                                  None, 0)
     wall = time.perf_counter() - start
-    durations = [b - a for a, b in zip(batches.times, batches.times[1:])]
+    durations = [b - a for a, b in zip(batches.times, batches.times[1:])][:steps]  # profiled batches left out
     timed = durations[args.warmup:]
     # In the gan phase the steps alternate G and D (each takes one batch): their mean is the rate of the run.
     step = statistics.median(timed) if args.phase == "generator" else statistics.fmean(timed)
-    return {
+    row = {
         "code": "official", "phase": args.phase, "compiled": bool(config.training.compile_model),
         "batch": args.batch, "steps": final_step, "step_s": step, "images_per_s": args.batch / step,
         "step_durations_s": durations,
@@ -161,6 +161,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "replaced": "SigLIP2 (random Siglip2Model, so400m vision), torchvision VGG16/ConvNeXt-S (random), LPIPS heads "
                     "and DINO ViT-S/8 (bar_lightning stand-ins), data (random GPU batch)",
     }
+    if batches.table is not None:
+        row["profile"] = batches.table
+        print_kernel_table(batches.table)
+    return row
 
 
 def main() -> None:
@@ -171,10 +175,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=6)
     parser.add_argument("--timed", type=int, default=12)
     parser.add_argument("--eager", action="store_true", help="without the recipe's torch.compile")
+    parser.add_argument("--profile", action="store_true", help="kernel table of two batches after the timed ones")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     row = run(args)
-    print(row, flush=True)
+    print({key: value for key, value in row.items() if key != "profile"}, flush=True)
     write_results(args.out, {"machine": machine(), "rows": [row]})
 
 

@@ -13,7 +13,10 @@ into a temporary `paths.pretrained_dir`, read by the same loaders a user's real 
 
 TFLOP/s counts the matrix products and convolutions of one G step (forward and backward of the tokenizer and
 every loss network, measured with torch.utils.flop_counter on one batch), MFU is against the card's dense bf16
-rate (`--peak-tflops`). On CPU: `--experiment tiny_tokenizer --batch 4` as a smoke test.
+rate (`--peak-tflops`). The float32 matmul precision is the config's `float32_matmul_precision` ("high": TF32, as
+train.py sets it and as the official recipe enables TF32); `--profile` records the device kernels of two batches
+after the timed ones (torch.profiler, by kernel family). On CPU: `--experiment tiny_tokenizer --batch 4` as a smoke
+test.
 """
 
 from __future__ import annotations
@@ -28,7 +31,15 @@ from typing import Any
 
 import lightning as L
 import torch
-from common import StepTimer, compose_experiment, machine, print_table, write_results
+from common import (
+    StepProfiler,
+    StepTimer,
+    compose_experiment,
+    machine,
+    print_kernel_table,
+    print_table,
+    write_results,
+)
 
 from bar_lightning.run import build_tokenizer_job, build_trainer
 from bar_lightning.stand_in_weights import write_stand_in_weights
@@ -37,6 +48,9 @@ VARIANTS: dict[str, list[str]] = {
     "eager": [],
     "eager+unfused_adamw": ["optim.fused=false"],
     "compile": ["training.compile=true"],
+    # cuDNN's autotuner for the fixed-shape convolutions (VGG16, ConvNeXt-S, the decoder's output conv), as the
+    # official recipe sets torch.backends.cudnn.benchmark; train.py's default leaves it off (trainer.benchmark=null).
+    "compile+cudnn_benchmark": ["training.compile=true", "trainer.benchmark=true"],
 }
 
 
@@ -58,7 +72,7 @@ def generator_step_flops(module: Any, batch: int, image_size: int, device: torch
 
 def run_variant(phase: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
-    total_steps = args.warmup + args.timed
+    total_steps = args.warmup + args.timed + (2 if args.profile else 0)  # profiled batches come after the timed ones
     pretrained = Path(tempfile.mkdtemp(prefix="stand_in_pretrained_"))
     overrides = [
         "trainer=gpu" if cuda else "trainer=cpu", f"trainer.precision={'bf16-mixed' if cuda else '32-true'}",
@@ -71,6 +85,7 @@ def run_variant(phase: str, name: str, args: argparse.Namespace) -> dict[str, An
     ]
     cfg = compose_experiment(args.experiment, overrides, output_dir=f"/tmp/bar_bench/tokenizer_{phase}_{name}")
     write_stand_in_weights(cfg)
+    torch.set_float32_matmul_precision(cfg.float32_matmul_precision)  # as train.py (run._fit) sets it
     L.seed_everything(0)
     module, datamodule = build_tokenizer_job(cfg)
     device = torch.device("cuda" if cuda else "cpu")
@@ -78,24 +93,30 @@ def run_variant(phase: str, name: str, args: argparse.Namespace) -> dict[str, An
     timer = StepTimer()
     trainer = build_trainer(cfg, enable_checkpointing=False)
     trainer.callbacks.append(timer)
+    profiler = StepProfiler(args.warmup + args.timed) if args.profile else None
+    if profiler is not None:
+        trainer.callbacks.append(profiler)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     wall = time.perf_counter() - start
-    timed = timer.durations[args.warmup:]
+    timed = timer.durations[args.warmup : args.warmup + args.timed]
     step = statistics.median(timed) if phase == "generator" else statistics.fmean(timed)
     row = {
         "code": "bar_lightning", "experiment": args.experiment, "phase": phase, "variant": name, "batch": args.batch,
         "step_s": step, "images_per_s": args.batch / step, "step_durations_s": timer.durations,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "generator_step_gflop_per_image": flops / 1e9, "first_steps_s": sum(timer.durations[:args.warmup]),
-        "wall_s": wall,
+        "wall_s": wall, "float32_matmul_precision": torch.get_float32_matmul_precision(),
     }
     # MFU of the autoencoder step (the D step is cheaper: the tokenizer runs forward only, without gradients).
     if phase == "generator":
         row["tflops"] = flops * args.batch / step / 1e12
         row["mfu_vs_bf16_peak"] = row["tflops"] / args.peak_tflops
+    if profiler is not None and profiler.table is not None:
+        row["profile"] = profiler.table
+        print_kernel_table(profiler.table)
     del module, datamodule, trainer
     gc.collect()
     if cuda:
@@ -115,6 +136,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--peak-tflops", dest="peak_tflops", type=float, default=790.0,
                         help="dense bf16 matmul rate measured on this GPU (H200: ~790, docs/benchmarks.md)")
+    parser.add_argument("--profile", action="store_true", help="kernel table of two batches after the timed ones")
     parser.add_argument("--override", action="append", default=[])
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -126,7 +148,7 @@ def main() -> None:
             except Exception as error:  # report and go on with the other variants
                 row = {"phase": phase, "variant": name, "error": f"{type(error).__name__}: {error}"[:800]}
                 gc.collect()
-            print({k: v for k, v in row.items() if k != "step_durations_s"}, flush=True)
+            print({k: v for k, v in row.items() if k not in ("step_durations_s", "profile")}, flush=True)
             results["rows"].append(row)
             write_results(args.out, results)
     print(f"\ntokenizer training, {results['machine'].get('gpu')}, torch {torch.__version__}, bf16-mixed")

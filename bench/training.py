@@ -15,19 +15,17 @@ import gc
 import time
 from typing import Any
 
-import lightning as L
 import torch
 from common import (
+    StepProfiler,
     StepTimer,
     compose_experiment,
-    kernel_table,
     machine,
     matmul_weights_per_row,
     median,
     print_kernel_table,
     print_table,
     randomise_,
-    synchronize,
     write_results,
 )
 
@@ -53,31 +51,6 @@ VARIANTS = {
     "ddp": ["trainer=ddp", "trainer.devices=1", "training.compile=false"],
     "fsdp": ["trainer=fsdp", "trainer.devices=1", "training.compile=false"],
 }
-
-
-class StepProfiler(L.Callback):
-    """Records the device kernels of `num_steps` optimiser steps starting at `first_step` (torch.profiler)."""
-
-    def __init__(self, first_step: int, num_steps: int = 2) -> None:
-        self.first_step, self.last_step = first_step, first_step + num_steps - 1
-        self.profiler = None
-        self.table: dict[str, Any] | None = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
-        if trainer.global_step == self.first_step:
-            from torch.profiler import ProfilerActivity, profile
-
-            activities = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]
-            self.profiler = profile(activities=activities)
-            self.profiler.__enter__()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        # global_step has counted the step that just ended.
-        if trainer.global_step == self.last_step + 1 and self.profiler is not None:
-            synchronize()
-            self.profiler.__exit__(None, None, None)
-            self.table = kernel_table(self.profiler, torch.cuda.is_available())
-            self.table["profiled_steps"] = self.last_step - self.first_step + 1
 
 
 def training_flops_per_sample(model: Any) -> float:
