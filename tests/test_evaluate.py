@@ -61,6 +61,27 @@ def test_sampling_released_weights_reproduces_the_recorded_bits(upstream_a1, tmp
     assert torch.equal(torch.from_numpy(saved["bits"]).long(), recorded)
 
 
+def test_bits_file_is_a_deflated_npz_that_np_load_reads_back(tmp_path):
+    import zipfile
+
+    from bar_lightning.io import atomic_write, savez_quick
+
+    rng = np.random.default_rng(0)
+    bits = (rng.random((300, 4096)) < 0.5).astype(np.uint8)
+    labels = np.repeat(np.arange(3), 100)
+    path = atomic_write(tmp_path / "samples_bits.npz", lambda file: savez_quick(file, bits=bits, labels=labels))
+    with np.load(path, allow_pickle=False) as saved:
+        assert sorted(saved.files) == ["bits", "labels"]
+        assert saved["bits"].dtype == np.uint8 and np.array_equal(saved["bits"], bits)
+        assert saved["labels"].dtype == labels.dtype and np.array_equal(saved["labels"], labels)
+    with zipfile.ZipFile(path) as archive:
+        member = archive.getinfo("bits.npy")
+        assert member.compress_type == zipfile.ZIP_DEFLATED
+        assert member.compress_size < member.file_size / 4  # random 0/1 bytes: level 1 keeps about a fifth
+    with pytest.raises(ValueError, match="pickle"):
+        savez_quick(tmp_path / "objects.npz", values=np.array([{"a": 1}], dtype=object))
+
+
 def test_evaluate_cli_balances_classes_and_batches(upstream_a1, tmp_path):
     config_path, weights, _ = upstream_a1
     result = subprocess.run(

@@ -32,7 +32,7 @@ from bar_lightning.eval.sampling import (
     load_tokenizer_from_source,
     resolve_device,
 )
-from bar_lightning.io import atomic_write, atomic_write_json
+from bar_lightning.io import atomic_write, atomic_write_json, savez_quick
 from bar_lightning.models.bar import BARGenerator
 from bar_lightning.models.sampler import SamplingSettings
 from bar_lightning.provenance import model_source_record, provenance
@@ -346,11 +346,12 @@ def _evaluate(cfg: DictConfig, *, rank: int, world_size: int, output: Path) -> d
                               "guidance_scale": float(cfg.sampling.guidance_scale),
                               "temperature": float(cfg.sampling.temperature),
                               "tokens_allocation": list(allocation), "tags": list(cfg.tags)}
-    # The files are written by background threads while the metrics are computed (numpy and zlib release the GIL);
-    # metrics.json, the mark of a finished evaluation, is written after both.
+    # The files are written by background threads while the metrics are computed (numpy and zlib release the GIL;
+    # the bits at zlib level 1, see savez_quick); metrics.json, the mark of a finished evaluation, is written after
+    # both.
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="save") as savers:
         saving: list[Future] = [savers.submit(timed, clock, "saving_bits", atomic_write, output / "samples_bits.npz",
-                                              lambda file: np.savez_compressed(file, bits=bits, labels=label_array))]
+                                              lambda file: savez_quick(file, bits=bits, labels=label_array))]
         if images is not None:
             if cfg.save.npz:
                 from bar_lightning.eval.metrics import save_adm_npz
