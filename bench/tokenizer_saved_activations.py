@@ -1,12 +1,17 @@
-"""Where the activation memory of one tokenizer generator step goes: ours beside the official code, per module.
+"""Where the activation memory (and the compute) of one tokenizer generator step goes: ours beside the official code,
+per module.
 
 The eager tokenizer step of bar_lightning peaked 1.7 GiB above the official eager step on the H100 (generator phase,
 batch 32; docs/benchmarks.md, issue 16). Parameters, gradients and optimiser states are the same size in both codes
 (the EMA is smaller in ours), so the gap is in the tensors autograd saves for the backward pass. This script runs one
 forward of the autoencoder and its generator-phase losses for each code and sums, per top-level module, the bytes of
 every tensor saved for backward (each storage counted once, where it is first saved), then prints both side by side.
+`--measure flops` counts instead the FLOPs of that forward and its backward per module (torch.utils.flop_counter:
+matrix products, convolutions and attention), to check that both codes do the same work, so that a speed ratio
+between them is a ratio of efficiency.
 
     python bench/tokenizer_saved_activations.py --batch 1 --out saved.json            # full size, CPU: ~2 min, ~16 GB
+    python bench/tokenizer_saved_activations.py --measure flops --batch 1 --out flops.json
     python bench/tokenizer_saved_activations.py --experiment tiny_tokenizer --codes ours  # smoke test
 
 The official code runs from the export in `.upstream/bar` with the replacements of `bench/official_tokenizer.py`
@@ -97,6 +102,27 @@ def measure(step: Callable[[], torch.Tensor], roots: dict[str, torch.nn.Module],
                                                                              key=lambda kv: -kv[1]))}
 
 
+def flops_by_module(step: Callable[[], torch.Tensor], roots: dict[str, torch.nn.Module], depth: int,
+                    device: torch.device) -> dict[str, Any]:
+    """FLOPs of `step()` and its backward: the total, and per module path of at most `depth` names as
+    FlopCounterMode reports them (a parent's figure includes its children's; modules called from outside their
+    parent's tree, such as bar_lightning's frozen loss networks, are also listed under their class name)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with FlopCounterMode(display=False, depth=depth) as counter:
+        with autocast:
+            loss = step()
+        loss.backward()
+    counts = {name: sum(by_op.values()) for name, by_op in counter.get_flop_counts().items()
+              if name != "Global" and name.count(".") < depth}
+    return {"flops_total": counter.get_total_flops(),
+            "flops_by_module": dict(sorted(counts.items(), key=lambda kv: -kv[1]))}
+
+
+MEASURES = {"saved": measure, "flops": flops_by_module}
+
+
 def ours(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     from bar_lightning.run import build_tokenizer_job
     from bar_lightning.stand_in_weights import write_stand_in_weights
@@ -116,8 +142,7 @@ def ours(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         total, _ = module.loss(output.reconstruction, images, output.clip_prediction, output.clip_target)
         return total
 
-    row = measure(step, {"tokenizer": module.tokenizer, "loss": module.loss}, args.depth, device)
-    return row
+    return MEASURES[args.measure](step, {"tokenizer": module.tokenizer, "loss": module.loss}, args.depth, device)
 
 
 def official(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -152,8 +177,7 @@ def official(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         total, _ = loss_module(images, reconstruction, extra, 0, mode="generator")
         return total
 
-    row = measure(step, {"tokenizer": model, "loss": loss_module}, args.depth, device)
-    return row
+    return MEASURES[args.measure](step, {"tokenizer": model, "loss": loss_module}, args.depth, device)
 
 
 def main() -> None:
@@ -163,17 +187,25 @@ def main() -> None:
     parser.add_argument("--official", default=str(ROOT / ".upstream" / "bar"), help="export of the official code")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--depth", type=int, default=2, help="module-path names kept when grouping")
+    parser.add_argument("--measure", choices=sorted(MEASURES), default="saved",
+                        help="saved: bytes saved for backward; flops: FLOPs of forward and backward")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     for code in args.codes.split(","):
-        row = {"code": code, "batch": args.batch, **{"ours": ours, "official": official}[code](args, device)}
+        row = {"code": code, "batch": args.batch, "measure": args.measure,
+               **{"ours": ours, "official": official}[code](args, device)}
         rows.append(row)
         gc.collect()
-        print(f"{code}: {row['saved_bytes_total'] / 2**20:.1f} MiB saved for backward at batch {args.batch}")
-        for name, size in list(row["saved_bytes_by_module"].items())[:12]:
-            print(f"    {name:<48} {size / 2**20:9.1f} MiB")
+        if args.measure == "saved":
+            print(f"{code}: {row['saved_bytes_total'] / 2**20:.1f} MiB saved for backward at batch {args.batch}")
+            for name, size in list(row["saved_bytes_by_module"].items())[:12]:
+                print(f"    {name:<48} {size / 2**20:9.1f} MiB")
+        else:
+            print(f"{code}: {row['flops_total'] / 1e9:.1f} GFLOP (forward and backward) at batch {args.batch}")
+            for name, flops in list(row["flops_by_module"].items())[:16]:
+                print(f"    {name:<56} {flops / 1e9:9.1f} GFLOP")
     write_results(args.out, {"machine": machine(), "rows": rows})
 
 
