@@ -142,6 +142,30 @@ def finish_profiler(profiler: Any, profiled_steps: int) -> dict[str, Any]:
     return table
 
 
+class MemoryWindow(L.Callback):
+    """Records the CUDA allocator history over the training batches `first_batch` .. `first_batch + num_batches - 1`
+    and keeps its summary (bench/memory_snapshot.py: the peak and what is alive at it)."""
+
+    def __init__(self, first_batch: int, num_batches: int = 2) -> None:
+        self.first_batch, self.num_batches = first_batch, num_batches
+        self.batches_seen, self.baseline = 0, None
+        self.summary: dict[str, Any] | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        if self.batches_seen == self.first_batch:
+            from memory_snapshot import record_memory_history
+
+            self.baseline = record_memory_history()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        self.batches_seen += 1
+        if self.batches_seen == self.first_batch + self.num_batches and self.baseline is not None:
+            from memory_snapshot import summarise_recording
+
+            self.summary = summarise_recording(self.baseline)
+            self.summary["recorded_batches"] = self.num_batches
+
+
 class StepProfiler(L.Callback):
     """Records the device kernels of the training batches `first_batch` .. `first_batch + num_batches - 1` (counted
     from 0; one batch is one optimiser step of the generator, one G or D step of the tokenizer)."""
@@ -171,10 +195,13 @@ def synchronize() -> None:
 class TimedBatches:
     """A loader for an official training loop: `count` batches made by `batch(index)`, the clock read (after a
     device synchronisation) at each take and once after the last, so `times` brackets every step the loop runs.
-    With `profile_from`, the steps of that batch and the ones after it are recorded by torch.profiler (`table`)."""
+    With `profile_from`, the `profile_batches` steps from that batch on are recorded by torch.profiler (`table`);
+    `on_take(index)` is called at each take, after the clock (and with `count` after the last step)."""
 
-    def __init__(self, batch: Callable[[int], Any], count: int, profile_from: int | None = None) -> None:
-        self.batch, self.count, self.profile_from = batch, count, profile_from
+    def __init__(self, batch: Callable[[int], Any], count: int, profile_from: int | None = None,
+                 profile_batches: int = 2, on_take: Callable[[int], None] | None = None) -> None:
+        self.batch, self.count, self.on_take = batch, count, on_take
+        self.profile_from, self.profile_batches = profile_from, profile_batches
         self.times: list[float] = []
         self.table: dict[str, Any] | None = None
 
@@ -182,16 +209,20 @@ class TimedBatches:
         return self.count
 
     def __iter__(self):
-        for index in range(self.count):
+        profiler = None
+        for index in range(self.count + 1):
             synchronize()
             self.times.append(time.perf_counter())
+            if profiler is not None and index == self.profile_from + self.profile_batches:
+                self.table = finish_profiler(profiler, self.profile_batches)
+                profiler = None
+            if self.on_take is not None:
+                self.on_take(index)
+            if index == self.count:
+                return
             if index == self.profile_from:
                 profiler = start_profiler()
             yield self.batch(index)
-        synchronize()
-        self.times.append(time.perf_counter())
-        if self.profile_from is not None and self.profile_from < self.count:
-            self.table = finish_profiler(profiler, self.count - self.profile_from)
 
 
 class StepTimer(L.Callback):

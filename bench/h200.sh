@@ -4,7 +4,7 @@
 #                      official_tokenizer | side_by_side | official_compiled | half | evaluation_batches |
 #                      training_side_by_side | after_move | tokenizer_compiled_side_by_side |
 #                      after_move_and_ours | tokenizer_generator_same_call | tokenizer_gan_same_call |
-#                      tokenizer_profile_same_call | tokenizer_gan_and_levers | evaluation_50k
+#                      tokenizer_profile_same_call | tokenizer_gan_and_levers | evaluation_50k | tokenizer_memory
 # Needs the wheels of ../shared/tools/device-wheels.sh in .whl (Hydra, webdataset, torch-fidelity); official_tokenizer
 # also the official requirements (transformers 4.56.1, timm, accelerate and theirs) there and the official code
 # exported to .upstream/bar (bench/official_tokenizer.py says how).
@@ -243,6 +243,17 @@ case "${1:-sampling}" in
     timeout 590 python3 evaluation.py --per-class 50 --batch 500 --out "$OUT/evaluation_bar_b_fp32_batch500_50k.json" \
       2>&1 | quiet | tail -30
     echo "evaluation done at ${SECONDS} s"
+    ;;
+  tokenizer_memory)
+    # The eager tokenizer steps' memory gap (ours 42.84 against the official 41.16 GiB, generator phase): the CUDA
+    # allocator history of two steps after the timed ones, replayed to what is alive at the peak (bench/memory_snapshot.py).
+    cd bench
+    timeout 120 python3 tokenizer_training.py --phases generator,gan --variants eager --memory-snapshot \
+      --out "$OUT/tokenizer_training_eager_memory.json" 2>&1 | quiet | tail -50
+    for phase in generator gan; do
+      timeout 100 python3 official_tokenizer.py --phase $phase --eager --memory-snapshot \
+        --out "$OUT/official_tokenizer_eager_${phase}_memory.json" 2>&1 | quiet | tail -25
+    done
     ;;
   official_tokenizer)
     # The official tokenizer step (its compile_model: true), both phases, on the same card.

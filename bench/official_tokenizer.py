@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config.experiment.output_dir = str(workdir / "output")
     # generator: the phase before discriminator_start; gan: G and D alternate from the first step.
     config.losses.discriminator_start = 100_000 if args.phase == "generator" else 0
-    assert steps + 2 < config.experiment.log_every, "logging, saving and evaluation stay out of the timed steps"
+    assert steps + 4 < config.experiment.log_every, "logging, saving and evaluation stay out of the timed steps"
 
     accelerator = Accelerator(mixed_precision="bf16", gradient_accumulation_steps=1)
     torch.backends.cuda.matmul.allow_tf32 = True  # the recipe's enable_tf32
@@ -138,8 +138,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     generator = torch.Generator(device=device).manual_seed(0)
     images = torch.rand(args.batch, 3, 256, 256, device=device, generator=generator) * 2 - 1
     # The loader the official loop iterates: one random batch, taken `steps` times, with the keys it logs.
+    # Profiled batches, then batches with the allocator history, come after the timed ones.
+    memory_from = steps + (2 if args.profile else 0)
+    memory: dict[str, Any] = {}
+
+    def memory_window(index: int) -> None:
+        from memory_snapshot import record_memory_history, summarise_recording
+
+        if index == memory_from:
+            memory["baseline"] = record_memory_history()
+        elif index == memory_from + 2:
+            memory["summary"] = {**summarise_recording(memory["baseline"]), "recorded_batches": 2}
+
     batches = TimedBatches(lambda index: {"image": images, "__key__": [f"{index}_{i}" for i in range(len(images))]},
-                           steps + (2 if args.profile else 0), profile_from=steps if args.profile else None)
+                           memory_from + (2 if args.memory_snapshot else 0),
+                           profile_from=steps if args.profile else None,
+                           on_take=memory_window if args.memory_snapshot else None)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -164,6 +178,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if batches.table is not None:
         row["profile"] = batches.table
         print_kernel_table(batches.table)
+    if "summary" in memory:
+        from memory_snapshot import print_summary
+
+        row["memory"] = memory["summary"]
+        print_summary(memory["summary"])
     return row
 
 
@@ -176,10 +195,12 @@ def main() -> None:
     parser.add_argument("--timed", type=int, default=12)
     parser.add_argument("--eager", action="store_true", help="without the recipe's torch.compile")
     parser.add_argument("--profile", action="store_true", help="kernel table of two batches after the timed ones")
+    parser.add_argument("--memory-snapshot", dest="memory_snapshot", action="store_true",
+                        help="what is alive at the peak of two batches after the timed ones (CUDA only)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     row = run(args)
-    print({key: value for key, value in row.items() if key != "profile"}, flush=True)
+    print({key: value for key, value in row.items() if key not in ("profile", "memory")}, flush=True)
     write_results(args.out, {"machine": machine(), "rows": [row]})
 
 

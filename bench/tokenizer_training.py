@@ -15,7 +15,8 @@ TFLOP/s counts the matrix products and convolutions of one G step (forward and b
 every loss network, measured with torch.utils.flop_counter on one batch), MFU is against the card's dense bf16
 rate (`--peak-tflops`). The float32 matmul precision is the config's `float32_matmul_precision` ("high": TF32, as
 train.py sets it and as the official recipe enables TF32); `--profile` records the device kernels of two batches
-after the timed ones (torch.profiler, by kernel family). On CPU: `--experiment tiny_tokenizer --batch 4` as a smoke
+after the timed ones (torch.profiler, by kernel family), `--memory-snapshot` what is alive at the peak of two more
+(bench/memory_snapshot.py). On CPU: `--experiment tiny_tokenizer --batch 4` as a smoke
 test.
 """
 
@@ -32,6 +33,7 @@ from typing import Any
 import lightning as L
 import torch
 from common import (
+    MemoryWindow,
     StepProfiler,
     StepTimer,
     compose_experiment,
@@ -72,7 +74,8 @@ def generator_step_flops(module: Any, batch: int, image_size: int, device: torch
 
 def run_variant(phase: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
-    total_steps = args.warmup + args.timed + (2 if args.profile else 0)  # profiled batches come after the timed ones
+    # Profiled batches, then batches with the allocator history, come after the timed ones.
+    total_steps = args.warmup + args.timed + (2 if args.profile else 0) + (2 if args.memory_snapshot else 0)
     pretrained = Path(tempfile.mkdtemp(prefix="stand_in_pretrained_"))
     overrides = [
         "trainer=gpu" if cuda else "trainer=cpu", f"trainer.precision={'bf16-mixed' if cuda else '32-true'}",
@@ -96,6 +99,9 @@ def run_variant(phase: str, name: str, args: argparse.Namespace) -> dict[str, An
     profiler = StepProfiler(args.warmup + args.timed) if args.profile else None
     if profiler is not None:
         trainer.callbacks.append(profiler)
+    memory = MemoryWindow(args.warmup + args.timed + (2 if args.profile else 0)) if args.memory_snapshot else None
+    if memory is not None:
+        trainer.callbacks.append(memory)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -117,6 +123,11 @@ def run_variant(phase: str, name: str, args: argparse.Namespace) -> dict[str, An
     if profiler is not None and profiler.table is not None:
         row["profile"] = profiler.table
         print_kernel_table(profiler.table)
+    if memory is not None and memory.summary is not None:
+        from memory_snapshot import print_summary
+
+        row["memory"] = memory.summary
+        print_summary(memory.summary)
     del module, datamodule, trainer
     gc.collect()
     if cuda:
@@ -137,6 +148,8 @@ def main() -> None:
     parser.add_argument("--peak-tflops", dest="peak_tflops", type=float, default=790.0,
                         help="dense bf16 matmul rate measured on this GPU (H200: ~790, docs/benchmarks.md)")
     parser.add_argument("--profile", action="store_true", help="kernel table of two batches after the timed ones")
+    parser.add_argument("--memory-snapshot", dest="memory_snapshot", action="store_true",
+                        help="what is alive at the peak of two batches after the timed ones (CUDA only)")
     parser.add_argument("--override", action="append", default=[])
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -148,7 +161,7 @@ def main() -> None:
             except Exception as error:  # report and go on with the other variants
                 row = {"phase": phase, "variant": name, "error": f"{type(error).__name__}: {error}"[:800]}
                 gc.collect()
-            print({k: v for k, v in row.items() if k not in ("step_durations_s", "profile")}, flush=True)
+            print({k: v for k, v in row.items() if k not in ("step_durations_s", "profile", "memory")}, flush=True)
             results["rows"].append(row)
             write_results(args.out, results)
     print(f"\ntokenizer training, {results['machine'].get('gpu')}, torch {torch.__version__}, bf16-mixed")

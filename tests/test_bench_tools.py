@@ -1,0 +1,110 @@
+"""The analysis helpers of the benchmark scripts (bench/): kernel families of a profile, the timed loader of the
+official loops, and the replay of a CUDA allocator trace. The GPU runs that use them cannot be checked here; what
+they compute from their recordings can."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+from common import TimedBatches, kernel_table  # noqa: E402
+from memory_snapshot import owner_of, summarise_trace  # noqa: E402
+
+
+class FakeEvent:
+    def __init__(self, key: str, microseconds: float, count: int = 1) -> None:
+        self.key, self.count = key, count
+        self.device_time_total = self.self_cpu_time_total = microseconds
+
+
+class FakeProfile:
+    def __init__(self, events: list[FakeEvent]) -> None:
+        self.events = events
+
+    def key_averages(self) -> list[FakeEvent]:
+        return self.events
+
+
+def test_kernel_families_separate_convolutions_and_layout_conversions_from_gemms():
+    names_and_families = {
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "convolution",
+        "sm90_xmma_dgrad_implicit_gemm_bf16bf16": "convolution",
+        "cutlass_tensorop_bf16_s16816wgrad_optimized_bf16": "convolution",
+        "void cudnn::ops::nchwToNhwcKernel<__nv_bfloat16>": "layout_conversion",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n": "matmul",
+        "nvjet_sm90_tst_192x192_64x3_1x2_h_bz_coopB_NNN": "matmul",
+        "flash_fwd_kernel": "attention",
+        "triton_tem_fused_flex_attention_0": "attention",
+        "triton_poi_fused_convolution_backward_3": "triton_fused",
+        "void at::native::elementwise_kernel<128, 2>": "other",
+    }
+    durations = {name: float(10 * (index + 1)) for index, name in enumerate(names_and_families)}
+    table = kernel_table(FakeProfile([FakeEvent(name, us) for name, us in durations.items()]), on_cuda=False)
+    for family in ("matmul", "convolution", "layout_conversion", "attention", "triton_fused", "other"):
+        expected = sum(us for name, us in durations.items() if names_and_families[name] == family) / 1e6
+        assert table[f"profile_{family}_s"] == pytest.approx(expected), family
+    assert table["profile_device_total_s"] == pytest.approx(sum(durations.values()) / 1e6)
+    assert table["profile_kernels"] == len(durations)
+    assert table["top_kernels"][0]["kernel"] == "void at::native::elementwise_kernel<128, 2>"
+
+
+def test_timed_batches_time_every_step_and_profile_only_the_asked_window():
+    taken = []
+    batches = TimedBatches(lambda index: torch.full((32, 32), float(index)), 8, profile_from=4, profile_batches=2,
+                           on_take=taken.append)
+    seen = []
+    for batch in batches:
+        seen.append(int(batch[0, 0]))
+        torch.mm(batch, batch)
+    assert seen == list(range(8))
+    assert len(batches.times) == 9 and batches.times == sorted(batches.times)  # one clock read per take, plus the end
+    assert taken == list(range(9))
+    assert batches.table is not None and batches.table["profiled_steps"] == 2
+    # The profile holds the matrix products of batches 4 and 5 only.
+    calls = {row["kernel"]: row["calls"] for row in batches.table["top_kernels"]}
+    assert calls.get("aten::mm") == 2, calls
+
+    plain = TimedBatches(lambda index: index, 3)
+    assert list(plain) == [0, 1, 2] and len(plain.times) == 4 and plain.table is None
+
+
+def frames(*files: str) -> list[dict[str, object]]:
+    return [{"filename": file, "line": 1, "name": f"f{index}"} for index, file in enumerate(files)]
+
+
+def test_owner_is_the_innermost_frame_in_training_code():
+    stack = frames("/usr/lib/python3/site-packages/torch/nn/functional.py",
+                   "/work/src/bar_lightning/models/losses.py", "/work/src/bar_lightning/lightning/tokenizer_module.py")
+    assert owner_of(stack) == "bar_lightning/models/losses.py:f1"
+    assert owner_of(frames("/x/site-packages/torch/nn/modules/conv.py")) == "torch/nn/modules/conv.py:f0"
+    assert owner_of([]).startswith("(no Python stack")
+
+
+def test_trace_replay_finds_the_peak_and_what_is_alive_at_it():
+    loss = frames("/src/bar_lightning/models/losses.py")
+    optimiser = frames("/site-packages/torch/optim/adamw.py")
+    events = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": loss},
+        {"action": "alloc", "addr": 2, "size": 300, "frames": loss},
+        {"action": "free_requested", "addr": 1, "size": 100},  # not yet free: the stream may still use it
+        {"action": "alloc", "addr": 3, "size": 50, "frames": optimiser},  # the peak: 450
+        {"action": "free_completed", "addr": 1, "size": 100},
+        {"action": "free_completed", "addr": 2, "size": 300},
+        {"action": "free_completed", "addr": 99, "size": 1000},  # allocated before the window (baseline)
+        {"action": "alloc", "addr": 4, "size": 1200, "frames": optimiser},  # 50 - 1000 + 1200 = 250: no new peak
+    ]
+    summary = summarise_trace(events, baseline_bytes=5000)
+    assert summary["peak_bytes"] == 5450 and summary["peak_event_index"] == 3
+    assert summary["alive_at_peak_by_owner"] == {"bar_lightning/models/losses.py:f0": 400,
+                                                  "torch/optim/adamw.py:f0": 50}
+    assert summary["alive_at_peak_other_bytes"] == 0
+    top_one = summarise_trace(events, baseline_bytes=0, top=1)
+    assert top_one["alive_at_peak_by_owner"] == {"bar_lightning/models/losses.py:f0": 400}
+    assert top_one["alive_at_peak_other_bytes"] == 50
+    assert summarise_trace([], baseline_bytes=7)["peak_bytes"] == 7
