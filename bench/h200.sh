@@ -210,7 +210,9 @@ case "${1:-sampling}" in
     # Issue 16 item 1 again, now that bench/tokenizer_training.py sets the config's float32 matmul precision (TF32,
     # as train.py; before, ours ran its float32 regions without TF32 while the official enabled it), with a kernel
     # profile of two batches after the timed ones for each code. Fresh machine, cold compile caches: the official
-    # generator phase (~240 s), then ours (~175 s).
+    # generator phase (~240 s), then ours (~175 s). First the tokenizer GPU tests (~80 s): the G and D steps now hand
+    # their losses to the non-finite-loss callback (the fused AdamW's found_inf, no host read per step).
+    timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_tokenizer.py 2>&1 | tail -3 | tee "$OUT/gpu_tokenizer_tests.log"
     cd bench
     timeout 330 python3 official_tokenizer.py --phase generator --profile \
       --out "$OUT/official_tokenizer_compiled_generator_profile.json" 2>&1 | quiet | tail -30

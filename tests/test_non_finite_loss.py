@@ -26,8 +26,10 @@ QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=fals
 BAD_STEP = 5
 
 
-def fit_until_the_loss_turns_nan(experiment: str, build_job, output_dir, loss_owner, *overrides: str):
-    """Fit with the loss made NaN at `BAD_STEP`; `loss_owner(module)` gives (object, name) of the loss callable."""
+def fit_until_the_loss_turns_nan(experiment: str, build_job, output_dir, loss_owner, *overrides: str,
+                                 which: str = "training"):
+    """Fit with the loss made NaN at `BAD_STEP`; `loss_owner(module)` gives (object, name) of the loss callable;
+    the error must name the loss as `which`."""
     cfg = validate_train_config(compose_train([f"experiment={experiment}", *QUIET, *overrides], output_dir))
     L.seed_everything(cfg.seed)
     module, datamodule = build_job(cfg)
@@ -41,8 +43,11 @@ def fit_until_the_loss_turns_nan(experiment: str, build_job, output_dir, loss_ow
 
     setattr(owner, name, loss_that_turns_nan)
     trainer = build_trainer(cfg)
-    with pytest.raises(FloatingPointError, match=rf"non-finite .*loss nan at global step {BAD_STEP}"):
-        trainer.fit(module, datamodule=datamodule)
+    try:
+        with pytest.raises(FloatingPointError, match=rf"non-finite {which} loss nan at global step {BAD_STEP}"):
+            trainer.fit(module, datamodule=datamodule)
+    finally:
+        setattr(owner, name, real_loss)
     assert all(torch.isfinite(p).all() for p in module.parameters())  # the bad step never reached the weights
     return read_checkpoint(output_dir / "checkpoints" / "last.ckpt")
 
@@ -58,12 +63,26 @@ def test_generator_stops_at_a_nan_loss_and_keeps_the_last_good_checkpoint(tmp_pa
     assert all(torch.isfinite(value).all() for value in kept["state_dict"].values() if value.is_floating_point())
 
 
-def test_tokenizer_stops_at_a_nan_loss_and_keeps_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_tokenizer_stops_at_a_nan_loss_and_keeps_the_last_good_checkpoint(tmp_path, fused):
+    # The manual G step hands its loss to the same check as the generator: fused=True skips the step on the device
+    # and raises once the flag is read (before the checkpoint of step 6), with no host read per step.
     kept = fit_until_the_loss_turns_nan("tiny_tokenizer", build_tokenizer_job, tmp_path,
-                                        lambda module: (module.loss, "forward"))
+                                        lambda module: (module.loss, "forward"), f"optim.fused={str(fused).lower()}",
+                                        which="autoencoder")
     assert kept["global_step"] == 4
     assert all(torch.isfinite(value).all() for value in kept["state_dict"].values() if value.is_floating_point())
     TokenizerModule.load_tokenizer(tmp_path / "checkpoints" / "last.ckpt")  # and it still loads
+
+
+def test_tokenizer_stops_at_a_nan_discriminator_loss(tmp_path):
+    import bar_lightning.lightning.tokenizer_module as tokenizer_module
+
+    # From discriminator_start=0, G runs at even steps and D at odd ones: step 5 is a D step.
+    kept = fit_until_the_loss_turns_nan("tiny_tokenizer", build_tokenizer_job, tmp_path,
+                                        lambda module: (tokenizer_module, "hinge_d_loss"),
+                                        "training.discriminator_start=0", which="discriminator")
+    assert kept["global_step"] == 4
 
 
 # The callback on its own (the Trainer paths are above): the step at which a trainer stands is all it reads from it.

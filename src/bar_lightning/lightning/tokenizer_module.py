@@ -13,6 +13,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from bar_lightning.lightning.ema import EMA
+from bar_lightning.lightning.loss_check import NonFiniteLossCheck
 from bar_lightning.lightning.optimization import (
     clip_gradient_norm,
     fused_adamw_wanted,
@@ -61,6 +62,8 @@ class TokenizerModule(L.LightningModule):
         self.discriminator = build_discriminator(discriminator) if discriminator and training["gan_weight"] > 0 else None
         self.tokenizer = build_tokenizer(model)
         self.ema = EMA(self.tokenizer, decay=training["ema_decay"]) if training.get("ema", True) else None
+        # Given the loss of every G and D step, on the device; on the Trainer by configure_callbacks.
+        self.loss_check = NonFiniteLossCheck()
         self.evaluation = evaluation or {}
         self._val_outputs: dict[str, list[torch.Tensor]] = {}
         # Compiled forwards of the tokenizer and the losses (training.compile), kept out of the module tree so
@@ -111,7 +114,7 @@ class TokenizerModule(L.LightningModule):
                 adversarial = generator_adversarial_loss(self.discriminator(output.reconstruction))
                 total = total + training["gan_weight"] * adversarial
                 terms["gan"] = adversarial.detach()
-            self._check_finite(total, "autoencoder")
+            self.loss_check.note(total, "autoencoder")
             self._optimizer_step(optimizers[0], schedulers[0], total)
             self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
             for name, value in terms.items():
@@ -126,7 +129,7 @@ class TokenizerModule(L.LightningModule):
             logits_real = self.discriminator(images)
             logits_fake = self.discriminator(quantize_to_uint8_grid(reconstruction))
             loss = hinge_d_loss(logits_real, logits_fake)
-            self._check_finite(loss, "discriminator")
+            self.loss_check.note(loss, "discriminator")
             self._optimizer_step(optimizers[1], schedulers[1], loss)
             self.log("train/d_loss", loss.detach(), prog_bar=True, batch_size=batch_size)
             self.log("train/logits_real", logits_real.detach().mean(), batch_size=batch_size)
@@ -148,12 +151,11 @@ class TokenizerModule(L.LightningModule):
         optimizer.step()
         scheduler.step()
 
-    def _check_finite(self, loss: torch.Tensor, which: str) -> None:
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite {which} loss {loss.item()} at global step {self.global_step}; the last saved checkpoint "
-                "is kept. Lower the learning rate or check the data."
-            )
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The non-finite-loss check, attached by every Trainer that fits this module: it stops training at the
+        first non-finite G or D loss before that step applies (skipped on the device by the fused AdamW, with no
+        host read per step; and on every process of a distributed run, where a raise on one would hang the others)."""
+        return [self.loss_check]
 
     # ----------------------------------------------------------------- optimisers
     def configure_optimizers(self) -> list[dict[str, Any]]:
