@@ -195,7 +195,8 @@ def main() -> None:
 
         metrics_module.InceptionFeatureStream.features = capturing_features
         began = time.perf_counter()
-        print(f"run_evaluation starts {began - process_began:.1f} s after the script", flush=True)
+        print(f"run_evaluation starts {began - process_began:.1f} s after the arguments were parsed (imports before)",
+              flush=True)
         result = evaluate_module.run_evaluation(cfg)
         wall = time.perf_counter() - began
         print(f"metrics.json written {wall:.1f} s after run_evaluation started", flush=True)
