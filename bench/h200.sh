@@ -242,7 +242,7 @@ case "${1:-sampling}" in
     # line every 30 s so a run cut off at the limit says how far it got. A whole call: the extrapolation is ~555 s
     # plus the script's own setup (a 10,000-image reference written first).
     cd bench
-    timeout 590 python3 evaluation.py --per-class 50 --batch 500 --out "$OUT/evaluation_bar_b_fp32_batch500_50k.json" \
+    timeout 580 python3 evaluation.py --per-class 50 --batch 500 --out "$OUT/evaluation_bar_b_fp32_batch500_50k.json" \
       2>&1 | quiet | tail -30
     echo "evaluation done at ${SECONDS} s"
     ;;
