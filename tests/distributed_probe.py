@@ -77,3 +77,21 @@ class RankProbe(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         torch.save(pl_module.state_dict(), self._path(trainer, "weights"))
+
+
+class PoisonTokenizerLoss(L.Callback):
+    """Makes the tokenizer's autoencoder loss NaN on one rank at one global step; the other ranks stay finite."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_rank != self.rank:
+            return
+        real_forward = pl_module.loss.forward
+
+        def poisoned_forward(*args: Any, **kwargs: Any) -> Any:
+            total, terms = real_forward(*args, **kwargs)
+            return (total + float("nan") if pl_module.global_step == self.step else total), terms
+
+        pl_module.loss.forward = poisoned_forward

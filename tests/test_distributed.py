@@ -172,6 +172,21 @@ def test_tokenizer_ranks_keep_identical_autoencoder_discriminator_and_ema_on_dis
     assert hyper_parameters["global_batch_size"] == 32
 
 
+def test_a_non_finite_tokenizer_loss_on_one_rank_stops_every_rank_at_that_step(tmp_path):
+    # Rank 1's autoencoder loss turns NaN at step 3, rank 0's stays finite. The flag is and-ed over the ranks after
+    # the backward pass, so both stop at that step with the error; a rank raising on its own before its backward
+    # pass (the tokenizer's former check) left the other in the gradient all-reduce: a connection error under gloo
+    # (checked: rank 0 then fails without this message), a wait until the collective timeout under NCCL.
+    poison = "+callbacks.poison._target_=tests.distributed_probe.PoisonTokenizerLoss"
+    result = run_two_processes(tmp_path / "run", "experiment=tiny_tokenizer", "trainer.max_steps=10", poison,
+                               "+callbacks.poison.rank=1", "+callbacks.poison.step=3")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    assert "non-finite autoencoder loss nan at global step 3" in output, output[-3000:]  # rank 1
+    assert "non-finite autoencoder loss on another process (here" in output, output[-3000:]  # rank 0
+    assert "at global step 4" not in output
+
+
 def test_rank_seeds_differ_per_rank_and_step_and_fit_numpy():
     from bar_lightning.lightning.random_state import rank_seed
 
