@@ -239,10 +239,9 @@ case "${1:-sampling}" in
     ;;
   evaluation_50k)
     # Issue 16 item 4 for real: evaluate.py over 50,000 samples (BAR-B fp32, batch 500, every metric), a progress
-    # line every 30 s so a run cut off at the limit says how far it got. A whole call: the extrapolation is ~555 s
-    # plus the script's own setup (a 10,000-image reference written first).
-    # All the call's time left after the set-up above goes to the run (the 5,000-sample run extrapolates to ~555 s
-    # of run_evaluation; the real one had run ~570 s when it was cut off, before the bits were written quicker).
+    # line every 30 s so a run cut off at the limit says how far it got. All the call's time left after the set-up
+    # above goes to it (the 5,000-sample run extrapolates to ~555 s of run_evaluation; the real one had run ~570 s
+    # when it was cut off, before the bits file was written quicker), plus the script's ~13 s of imports and set-up.
     cd bench
     timeout $((595 - SECONDS)) python3 evaluation.py --per-class 50 --batch 500 --out "$OUT/evaluation_bar_b_fp32_batch500_50k.json" \
       2>&1 | quiet | tail -30
