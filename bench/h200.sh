@@ -223,13 +223,16 @@ case "${1:-sampling}" in
     echo "ours generator phase done at ${SECONDS} s"
     ;;
   tokenizer_gan_and_levers)
-    # After tokenizer_profile_same_call on the same warm machine: ours G/D phase with its profile, ours generator
+    # After tokenizer_profile_same_call on the same warm machine: ours G/D phase with its profile, then with the
+    # discriminator compiled too (training.compile_discriminator, as the official recipe compiles it), ours generator
     # phase with cuDNN's autotuner (trainer.benchmark=true, as the official recipe), then the official G/D phase with
     # its profile and the time left (~170 s on a warm cache).
     cd bench
     timeout 150 python3 tokenizer_training.py --phases gan --variants compile --profile \
       --out "$OUT/tokenizer_training_compile_gan_profile.json" 2>&1 | quiet | tail -30
-    timeout 120 python3 tokenizer_training.py --phases generator --variants compile+cudnn_benchmark \
+    timeout 120 python3 tokenizer_training.py --phases gan --variants compile+discriminator \
+      --out "$OUT/tokenizer_training_compile_discriminator_gan.json" 2>&1 | quiet | tail -2
+    timeout 100 python3 tokenizer_training.py --phases generator --variants compile+cudnn_benchmark \
       --out "$OUT/tokenizer_training_compile_cudnn_benchmark.json" 2>&1 | quiet | tail -2
     echo "ours done at ${SECONDS} s"
     left=$((592 - SECONDS))

@@ -53,6 +53,8 @@ VARIANTS: dict[str, list[str]] = {
     # cuDNN's autotuner for the fixed-shape convolutions (VGG16, ConvNeXt-S, the decoder's output conv), as the
     # official recipe sets torch.backends.cudnn.benchmark; train.py's default leaves it off (trainer.benchmark=null).
     "compile+cudnn_benchmark": ["training.compile=true", "trainer.benchmark=true"],
+    # The discriminator compiled as well (the official recipe compiles it inside its loss module); G/D phase.
+    "compile+discriminator": ["training.compile=true", "training.compile_discriminator=true"],
 }
 
 

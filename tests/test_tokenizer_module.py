@@ -218,3 +218,31 @@ def test_ema_shares_frozen_weights_and_averages_trainable_ones_in_a_state_dict_o
     fresh[0].requires_grad_(False)
     other.copy_frozen_from(fresh)
     torch.testing.assert_close(other.averaged[0].weight, fresh[0].weight)
+
+
+@pytest.mark.parametrize("compile_discriminator", [False, True])
+def test_training_compile_compiles_the_tokenizer_and_loss_and_the_discriminator_only_when_asked(
+        tmp_path, compile_discriminator):
+    from types import SimpleNamespace
+
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    cfg = validate_train_config(compose_train(
+        ["experiment=tiny_tokenizer", "training.compile=true",
+         f"training.compile_discriminator={str(compile_discriminator).lower()}"], tmp_path))
+    module, _ = build_tokenizer_job(cfg)
+    assert module.discriminator is not None
+    # Compilation is for CUDA devices; a trainer on one is described to the module (torch.compile is lazy: nothing
+    # is compiled until a compiled forward is called).
+    for device, compiled_expected in (("cpu", False), ("cuda", True)):
+        module._compiled = None
+        module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+        try:
+            module.on_fit_start()
+        finally:
+            module._trainer = None
+        for name in ("tokenizer", "loss", "discriminator"):
+            compiled = isinstance(module._forward(name), OptimizedModule)
+            wanted = compiled_expected and (name != "discriminator" or compile_discriminator)
+            assert compiled == wanted, (device, name)
+            assert getattr(module._forward(name), "_orig_mod", module._forward(name)) is getattr(module, name)

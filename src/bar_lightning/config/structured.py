@@ -269,6 +269,9 @@ class TokenizerTrainingConfig:
     # torch.compile the tokenizer's and the losses' forward (the official recipe's compile_model: true); ignored on
     # CPU and under FSDP.
     compile: bool = MISSING
+    # With `compile`, also torch.compile the discriminator (the official recipe compiles it, inside its loss module);
+    # off until measured against the eager discriminator (bench/tokenizer_training.py, variant compile+discriminator).
+    compile_discriminator: bool = MISSING
 
 
 @dataclass

@@ -76,12 +76,16 @@ class TokenizerModule(L.LightningModule):
         strategy = self.trainer.strategy
         wanted = bool(self.hparams.training.get("compile", False))
         if wanted and strategy.root_device.type == "cuda" and not isinstance(strategy, FSDPStrategy):
-            object.__setattr__(self, "_compiled", {"tokenizer": torch.compile(self.tokenizer),
-                                                   "loss": torch.compile(self.loss)})
+            compiled = {"tokenizer": torch.compile(self.tokenizer), "loss": torch.compile(self.loss)}
+            if self.discriminator is not None and self.hparams.training.get("compile_discriminator", False):
+                compiled["discriminator"] = torch.compile(self.discriminator)
+            object.__setattr__(self, "_compiled", compiled)
 
     def _forward(self, name: str) -> nn.Module:
-        """The compiled forward of `name` ("tokenizer" or "loss") when training.compile is on, else the module."""
-        return self._compiled[name] if self._compiled is not None else getattr(self, name)
+        """The compiled forward of `name` ("tokenizer", "loss", "discriminator") where training.compile (and for the
+        discriminator training.compile_discriminator) compiled it, else the module."""
+        compiled = self._compiled or {}
+        return compiled[name] if name in compiled else getattr(self, name)
 
     # ----------------------------------------------------------------- schedule
     def uses_discriminator(self, step: int) -> bool:
@@ -111,7 +115,7 @@ class TokenizerModule(L.LightningModule):
             total, terms = self._forward("loss")(output.reconstruction, images, output.clip_prediction,
                                                  output.clip_target)
             if self.uses_discriminator(step):
-                adversarial = generator_adversarial_loss(self.discriminator(output.reconstruction))
+                adversarial = generator_adversarial_loss(self._forward("discriminator")(output.reconstruction))
                 total = total + training["gan_weight"] * adversarial
                 terms["gan"] = adversarial.detach()
             self.loss_check.note(total, "autoencoder")
@@ -126,8 +130,9 @@ class TokenizerModule(L.LightningModule):
                 self.tokenizer.eval()
                 reconstruction = self._forward("tokenizer")(images).reconstruction
                 self.tokenizer.train()
-            logits_real = self.discriminator(images)
-            logits_fake = self.discriminator(quantize_to_uint8_grid(reconstruction))
+            discriminator = self._forward("discriminator")
+            logits_real = discriminator(images)
+            logits_fake = discriminator(quantize_to_uint8_grid(reconstruction))
             loss = hinge_d_loss(logits_real, logits_fake)
             self.loss_check.note(loss, "discriminator")
             self._optimizer_step(optimizers[1], schedulers[1], loss)
