@@ -66,7 +66,8 @@ class TokenizerModule(L.LightningModule):
         self.loss_check = NonFiniteLossCheck()
         self.evaluation = evaluation or {}
         self._val_outputs: dict[str, list[torch.Tensor]] = {}
-        # Compiled forwards of the tokenizer and the losses (training.compile), kept out of the module tree so
+        # Compiled forwards of the tokenizer, the losses and the discriminator (training.compile, and for the
+        # discriminator training.compile_discriminator), kept out of the module tree so
         # that checkpoints hold no `_orig_mod.` keys.
         object.__setattr__(self, "_compiled", None)
 
@@ -159,7 +160,8 @@ class TokenizerModule(L.LightningModule):
     def configure_callbacks(self) -> list[L.Callback]:
         """The non-finite-loss check, attached by every Trainer that fits this module: it stops training at the
         first non-finite G or D loss before that step applies (skipped on the device by the fused AdamW, with no
-        host read per step; and on every process of a distributed run, where a raise on one would hang the others)."""
+        host read per step; and on every process of a distributed run together, where a raise on one alone would leave
+        the others in the gradient all-reduce)."""
         return [self.loss_check]
 
     # ----------------------------------------------------------------- optimisers
