@@ -67,8 +67,8 @@ class TokenizerModule(L.LightningModule):
         self.evaluation = evaluation or {}
         self._val_outputs: dict[str, list[torch.Tensor]] = {}
         # Compiled forwards of the tokenizer, the losses and the discriminator (training.compile, and for the
-        # discriminator training.compile_discriminator), kept out of the module tree so
-        # that checkpoints hold no `_orig_mod.` keys.
+        # discriminator training.compile_discriminator), kept out of the module tree so that checkpoints hold no
+        # `_orig_mod.` keys.
         object.__setattr__(self, "_compiled", None)
 
     def on_fit_start(self) -> None:
