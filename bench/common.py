@@ -142,49 +142,61 @@ def finish_profiler(profiler: Any, profiled_steps: int) -> dict[str, Any]:
     return table
 
 
-class MemoryWindow(L.Callback):
-    """Records the CUDA allocator history over the training batches `first_batch` .. `first_batch + num_batches - 1`
-    and keeps its summary (bench/memory_snapshot.py: the peak and what is alive at it)."""
+class BatchWindow(L.Callback):
+    """Calls `begin()` before the training batch `first_batch` (counted from 0) and `end()` after the batch
+    `first_batch + num_batches - 1`; one batch is one optimiser step of the generator, one G or D step of the
+    tokenizer."""
 
     def __init__(self, first_batch: int, num_batches: int = 2) -> None:
         self.first_batch, self.num_batches = first_batch, num_batches
-        self.batches_seen, self.baseline = 0, None
-        self.summary: dict[str, Any] | None = None
+        self.batches_seen, self.open = 0, False
+
+    def begin(self) -> None:
+        raise NotImplementedError
+
+    def end(self) -> None:
+        raise NotImplementedError
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
         if self.batches_seen == self.first_batch:
-            from memory_snapshot import record_memory_history
-
-            self.baseline = record_memory_history()
+            self.begin()
+            self.open = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         self.batches_seen += 1
-        if self.batches_seen == self.first_batch + self.num_batches and self.baseline is not None:
-            from memory_snapshot import summarise_recording
-
-            self.summary = summarise_recording(self.baseline)
-            self.summary["recorded_batches"] = self.num_batches
+        if self.open and self.batches_seen == self.first_batch + self.num_batches:
+            self.open = False
+            self.end()
 
 
-class StepProfiler(L.Callback):
-    """Records the device kernels of the training batches `first_batch` .. `first_batch + num_batches - 1` (counted
-    from 0; one batch is one optimiser step of the generator, one G or D step of the tokenizer)."""
+class MemoryWindow(BatchWindow):
+    """The CUDA allocator history over the window, summarised (bench/memory_snapshot.py: the peak and what is alive
+    at it)."""
 
-    def __init__(self, first_batch: int, num_batches: int = 2) -> None:
-        self.first_batch, self.num_batches = first_batch, num_batches
-        self.batches_seen = 0
+    summary: dict[str, Any] | None = None
+
+    def begin(self) -> None:
+        from memory_snapshot import record_memory_history
+
+        self.baseline = record_memory_history()
+
+    def end(self) -> None:
+        from memory_snapshot import summarise_recording
+
+        self.summary = {**summarise_recording(self.baseline), "recorded_batches": self.num_batches}
+
+
+class StepProfiler(BatchWindow):
+    """The device kernels of the window (torch.profiler), as a `kernel_table`."""
+
+    table: dict[str, Any] | None = None
+
+    def begin(self) -> None:
+        self.profiler = start_profiler()
+
+    def end(self) -> None:
+        self.table = finish_profiler(self.profiler, self.num_batches)
         self.profiler = None
-        self.table: dict[str, Any] | None = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
-        if self.batches_seen == self.first_batch:
-            self.profiler = start_profiler()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        self.batches_seen += 1
-        if self.batches_seen == self.first_batch + self.num_batches and self.profiler is not None:
-            self.table = finish_profiler(self.profiler, self.num_batches)
-            self.profiler = None
 
 
 def synchronize() -> None:

@@ -13,7 +13,7 @@ import torch
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
-from common import TimedBatches, kernel_table  # noqa: E402
+from common import BatchWindow, TimedBatches, kernel_table  # noqa: E402
 from memory_snapshot import owner_of, summarise_trace  # noqa: E402
 
 
@@ -72,6 +72,25 @@ def test_timed_batches_time_every_step_and_profile_only_the_asked_window():
 
     plain = TimedBatches(lambda index: index, 3)
     assert list(plain) == [0, 1, 2] and len(plain.times) == 4 and plain.table is None
+
+
+def test_batch_window_opens_before_its_first_batch_and_closes_after_its_last():
+    events = []
+
+    class Recording(BatchWindow):
+        def begin(self) -> None:
+            events.append(("begin", self.batches_seen))
+
+        def end(self) -> None:
+            events.append(("end", self.batches_seen))
+
+    window = Recording(first_batch=2, num_batches=2)
+    for index in range(6):
+        window.on_train_batch_start(None, None, None, index)
+        events.append(("batch", index))
+        window.on_train_batch_end(None, None, None, None, index)
+    assert events == [("batch", 0), ("batch", 1), ("begin", 2), ("batch", 2), ("batch", 3), ("end", 4),
+                      ("batch", 4), ("batch", 5)]
 
 
 def frames(*files: str) -> list[dict[str, object]]:
