@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from bar_lightning.config.schema import ConfigError, validate_evaluate_config
-from bar_lightning.eval.evaluate import run_evaluation, shard_indices, to_uint8_images
+from bar_lightning.eval.evaluate import generate_shard, run_evaluation, shard_indices, to_uint8_images
 from bar_lightning.eval.sampling import balanced_labels
 
 from .conftest import FIXTURES
@@ -274,3 +274,9 @@ def test_a_metrics_request_that_cannot_be_scored_fails_before_sampling(
          "metrics.allow_small_sample=true"], tmp_path / "out"))
     with pytest.raises(ValueError, match=r"samples are 16x16 .* holds 64x64 images"):
         run_evaluation(cfg)
+
+
+def test_overlap_is_refused_on_the_cpu():
+    with pytest.raises(ValueError, match="overlap=True needs a CUDA device"):
+        generate_shard(None, None, torch.zeros(1, dtype=torch.long), [0], sampling=None, allocation=[],
+                       batch_size=1, seed=0, device=torch.device("cpu"), overlap=True)
