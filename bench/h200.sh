@@ -4,7 +4,8 @@
 #                      official_tokenizer | side_by_side | official_compiled | half | evaluation_batches |
 #                      training_side_by_side | after_move | tokenizer_compiled_side_by_side |
 #                      after_move_and_ours | tokenizer_generator_same_call | tokenizer_gan_same_call |
-#                      tokenizer_profile_same_call | tokenizer_gan_and_levers | evaluation_50k | tokenizer_memory
+#                      tokenizer_profile_same_call | tokenizer_gan_and_levers | evaluation_50k | tokenizer_memory |
+#                      gpu_tests
 # Needs the wheels of ../shared/tools/device-wheels.sh in .whl (Hydra, webdataset, torch-fidelity); official_tokenizer
 # also the official requirements (transformers 4.56.1, timm, accelerate and theirs) there and the official code
 # exported to .upstream/bar (bench/official_tokenizer.py says how).
@@ -240,15 +241,20 @@ case "${1:-sampling}" in
       2>&1 | quiet | tail -30
     echo "official G/D phase done at ${SECONDS} s"
     ;;
+  gpu_tests)
+    # The GPU tests of the code changed since the last device session, before the runs that depend on it: the
+    # tokenizer's G/D steps through the non-finite-loss callback, and evaluate.py's decoding overlapped with sampling
+    # (images, bits and metrics equal to the serial order's).
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_tokenizer.py tests/test_gpu_evaluation.py 2>&1 \
+      | tail -6 | tee "$OUT/gpu_tests.log"
+    ;;
   evaluation_50k)
     # Issue 16 item 4 for real: evaluate.py over 50,000 samples (BAR-B fp32, batch 500, every metric), a progress
     # line every 30 s so a run cut off at the limit says how far it got. All the call's time left after the set-up
     # above goes to it (the 5,000-sample run extrapolates to ~555 s of run_evaluation; the real one had run ~570 s
     # when it was cut off, before the bits file was written quicker), plus the script's ~13 s of imports and set-up.
     # Since then decoding, Inception features and host copies overlap the next batch's sampling (a second CUDA
-    # stream): its GPU test first (~40 s), whose failure is printed and keeps the run going (its timing still says
-    # what the overlap buys).
-    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_evaluation.py 2>&1 | tail -4 | tee "$OUT/gpu_evaluation_tests.log"
+    # stream); its GPU test is part gpu_tests, the call before this one.
     cd bench
     timeout $((595 - SECONDS)) python3 evaluation.py --per-class 50 --batch 500 --out "$OUT/evaluation_bar_b_fp32_batch500_50k.json" \
       2>&1 | quiet | tail -30
