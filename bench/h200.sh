@@ -5,7 +5,7 @@
 #                      training_side_by_side | after_move | tokenizer_compiled_side_by_side |
 #                      after_move_and_ours | tokenizer_generator_same_call | tokenizer_gan_same_call |
 #                      tokenizer_profile_same_call | tokenizer_gan_and_levers | evaluation_50k | tokenizer_memory |
-#                      gpu_tests
+#                      gpu_tests | gpu_tests_and_ours_profile LIMIT_S
 # Needs the wheels of ../shared/tools/device-wheels.sh in .whl (Hydra, webdataset, torch-fidelity); official_tokenizer
 # also the official requirements (transformers 4.56.1, timm, accelerate and theirs) there and the official code
 # exported to .upstream/bar (bench/official_tokenizer.py says how).
@@ -247,6 +247,17 @@ case "${1:-sampling}" in
     # (images, bits and metrics equal to the serial order's).
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_tokenizer.py tests/test_gpu_evaluation.py 2>&1 \
       | tail -6 | tee "$OUT/gpu_tests.log"
+    ;;
+  gpu_tests_and_ours_profile)
+    # A short session: part gpu_tests, then ours' compiled generator phase with its kernel profile in the seconds
+    # left of ${2} (the call's limit; ~200 s from a cold compile cache), without the official step beside it.
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_tokenizer.py tests/test_gpu_evaluation.py 2>&1 \
+      | tail -6 | tee "$OUT/gpu_tests.log"
+    echo "tests done at ${SECONDS} s"
+    cd bench
+    timeout $((${2:-590} - 8 - SECONDS)) python3 tokenizer_training.py --phases generator --variants compile --profile \
+      --out "$OUT/tokenizer_training_compile_generator_profile.json" 2>&1 | quiet | tail -32
+    echo "ours generator phase done at ${SECONDS} s"
     ;;
   evaluation_50k)
     # Issue 16 item 4 for real: evaluate.py over 50,000 samples (BAR-B fp32, batch 500, every metric), a progress
