@@ -276,7 +276,26 @@ def test_a_metrics_request_that_cannot_be_scored_fails_before_sampling(
         run_evaluation(cfg)
 
 
-def test_overlap_is_refused_on_the_cpu():
+def test_overlapped_decoding_is_cuda_only(upstream_a1, tmp_path, monkeypatch):
+    """`overlap_decoding=true` is ignored on the CPU (the GPU fast-path keys are); generate_shard refuses it there."""
+    import bar_lightning.eval.evaluate as evaluate_module
+
     with pytest.raises(ValueError, match="overlap=True needs a CUDA device"):
         generate_shard(None, None, torch.zeros(1, dtype=torch.long), [0], sampling=None, allocation=[],
                        batch_size=1, seed=0, device=torch.device("cpu"), overlap=True)
+    overlaps = []
+    original = evaluate_module.generate_shard
+
+    def recorded(*args, overlap, **kwargs):
+        overlaps.append(overlap)
+        return original(*args, overlap=overlap, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "generate_shard", recorded)
+    config_path, weights, _ = upstream_a1
+    run_evaluation(validate_evaluate_config(compose_evaluate(
+        [f"generator.upstream_config={config_path}", f"generator.upstream_weights={weights}", "sampling=tiny",
+         "classes=[0]",
+         "num_samples_per_class=2", "device=cpu", "overlap_decoding=true"], tmp_path / "out")))
+    assert overlaps == [False]
+    with pytest.raises(ConfigError, match="overlap_decoding"):
+        validate_evaluate_config(compose_evaluate(["overlap_decoding=sometimes"], tmp_path / "bad"))

@@ -6,7 +6,6 @@ Skipped without a GPU; bench/h200.sh runs it.
 
 from __future__ import annotations
 
-import functools
 import json
 
 import numpy as np
@@ -40,18 +39,21 @@ def test_overlapped_decoding_gives_the_serial_results(
                  f"batch_size={batch_size}", "device=cuda", f"metrics.reference={reference}",
                  f"metrics.inception_weights={inception_weights}", "metrics.batch_size=3",
                  "metrics.kid_subset_size=4", "metrics.allow_small_sample=true"]
-    calls = []
-    original = evaluate_module.generate_shard
+    batches = []
+    original_add = evaluate_module.OverlappedDecoding.add
 
-    def recorded(*args, overlap=None, **kwargs):
-        calls.append(overlap)
-        return original(*args, overlap=overlap, **kwargs)
+    def recorded_add(self, bits, rows):
+        batches.append(rows)
+        return original_add(self, bits, rows)
 
-    monkeypatch.setattr(evaluate_module, "generate_shard", recorded)
-    overlapped = evaluate_module.run_evaluation(validate_evaluate_config(compose_evaluate(overrides, tmp_path / "a")))
-    monkeypatch.setattr(evaluate_module, "generate_shard", functools.partial(recorded, overlap=False))
-    serial = evaluate_module.run_evaluation(validate_evaluate_config(compose_evaluate(overrides, tmp_path / "b")))
-    assert calls == [None, False]  # the default on CUDA is the overlapped path
+    monkeypatch.setattr(evaluate_module.OverlappedDecoding, "add", recorded_add)
+    overlapped = evaluate_module.run_evaluation(validate_evaluate_config(compose_evaluate(
+        [*overrides, "overlap_decoding=true"], tmp_path / "a")))
+    assert [(rows.start, rows.stop) for rows in batches] == [
+        (start, min(9, start + batch_size)) for start in range(0, 9, batch_size)]
+    serial = evaluate_module.run_evaluation(validate_evaluate_config(compose_evaluate(
+        [*overrides, "overlap_decoding=false"], tmp_path / "b")))
+    assert len(batches) == len(range(0, 9, batch_size))  # the serial run did not take the overlapped path
 
     images_a, images_b = load_adm_npz(tmp_path / "a" / "samples.npz"), load_adm_npz(tmp_path / "b" / "samples.npz")
     assert images_a.shape == (9, 16, 16, 3) and images_a.std() > 0

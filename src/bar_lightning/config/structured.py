@@ -363,6 +363,7 @@ class EvaluateConfig:
     num_samples_per_class: int = MISSING
     classes: list[int] | None = MISSING
     batch_size: int = MISSING
+    overlap_decoding: bool = MISSING  # CUDA only: decoding behind the next batch's sampling
     device: str = MISSING
     float32_matmul_precision: str = MISSING
     save: SaveConfig = field(default_factory=SaveConfig)

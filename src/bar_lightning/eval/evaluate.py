@@ -114,16 +114,15 @@ def generate_shard(
     device: torch.device,
     feature_stream: Any = None,
     clock: StageClock | None = None,
-    overlap: bool | None = None,
+    overlap: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Bits (and decoded uint8 images when a tokenizer is given) for the samples `indices` of the global list.
 
     Each batch is decoded, converted and (with a `feature_stream`) given to the Inception network while it is on
     the device, right after it is sampled: nothing waits for the whole set, and the images cross to the host once,
-    into arrays allocated once (50,000 images at 256 px are 9.8 GB). On CUDA (`overlap`, the default there) that
-    work runs on a second stream behind the next batch's sampling (`OverlappedDecoding`); the results are the same.
+    into arrays allocated once (50,000 images at 256 px are 9.8 GB). With `overlap` (CUDA only) that work runs on a
+    second stream behind the next batch's sampling (`OverlappedDecoding`); the results are the same.
     """
-    overlap = device.type == "cuda" if overlap is None else overlap
     if overlap and device.type != "cuda":
         raise ValueError(f"overlap=True needs a CUDA device, got {device}")
     clock = clock or StageClock(device)
@@ -436,6 +435,7 @@ def _evaluate(cfg: DictConfig, *, rank: int, world_size: int, output: Path) -> d
     began = time.perf_counter()
     bits, images = generate_shard(generator, tokenizer, labels, indices, sampling=cfg.sampling,
                                   allocation=allocation, batch_size=cfg.batch_size, seed=cfg.seed, device=device,
+                                  overlap=bool(cfg.overlap_decoding) and device.type == "cuda",
                                   feature_stream=feature_stream, clock=clock)
     features = feature_stream.features() if feature_stream is not None else None
     clock.add("sampling_loop_wall", time.perf_counter() - began)
