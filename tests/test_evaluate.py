@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -299,3 +302,83 @@ def test_overlapped_decoding_is_cuda_only(upstream_a1, tmp_path, monkeypatch):
     assert overlaps == [False]
     with pytest.raises(ConfigError, match="overlap_decoding"):
         validate_evaluate_config(compose_evaluate(["overlap_decoding=sometimes"], tmp_path / "bad"))
+
+
+class _NoStream:
+    def wait_stream(self, other):
+        pass
+
+
+class _NoEvent:
+    def record(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+@pytest.fixture()
+def cuda_stream_calls_as_no_ops(monkeypatch):
+    """The CUDA stream, event and pinned-memory calls of `OverlappedDecoding` as no-ops on the CPU (where the
+    operations run in order anyway), so that its bookkeeping is tested without a GPU: two pinned buffers in turn,
+    the host thread that empties them, a short last batch. The streams themselves: tests/test_gpu_evaluation.py."""
+    real_empty = torch.empty
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _NoStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _NoStream())
+    monkeypatch.setattr(torch.cuda, "Event", _NoEvent)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None, raising=False)
+    monkeypatch.setattr(torch, "empty", lambda *args, pin_memory=False, **kwargs: real_empty(*args, **kwargs))
+
+
+class _SumDecoder:
+    """bits [B, C] -> images [B, 3, 4, 5] in [-1, 1] that differ between samples."""
+
+    def __init__(self, fail_at_call: int | None = None):
+        self.calls, self.fail_at_call = 0, fail_at_call
+
+    def decode_bits(self, bits):
+        self.calls += 1
+        if self.calls == self.fail_at_call:
+            raise RuntimeError("decoder failed")
+        value = bits.float() @ torch.arange(1.0, bits.shape[1] + 1) / bits.shape[1] ** 2 - 1
+        return value[:, None, None, None].expand(-1, 3, 4, 5).clone()
+
+
+@pytest.mark.parametrize(("samples", "batch"), [(9, 4), (9, 9), (10, 3), (1, 4)])
+def test_overlapped_decoding_puts_every_batch_in_its_rows(cuda_stream_calls_as_no_ops, samples, batch):
+    from bar_lightning.eval.evaluate import OverlappedDecoding, SerialDecoding, StageClock
+
+    clock = StageClock(torch.device("cpu"))
+    features_overlapped, features_serial = [], []
+    overlapped = OverlappedDecoding(_SumDecoder(), SimpleNamespace(add=features_overlapped.append), clock,
+                                    np.zeros((samples, 6), np.uint8), torch.device("cpu"))
+    serial = SerialDecoding(_SumDecoder(), SimpleNamespace(add=features_serial.append), clock,
+                            np.zeros((samples, 6), np.uint8))
+    # A slow host thread: a buffer refilled before the thread has emptied it would show in the rows.
+    submit = overlapped.executor.submit
+    overlapped.executor.submit = lambda move: submit(lambda: (time.sleep(0.05), move()))
+    rng = torch.Generator().manual_seed(samples)
+    with overlapped:
+        for start in range(0, samples, batch):
+            rows = slice(start, min(samples, start + batch))
+            bits = torch.randint(0, 2, (rows.stop - rows.start, 6), generator=rng, dtype=torch.uint8)
+            overlapped.add(bits, rows)
+            serial.add(bits, rows)
+    assert serial.bits_all.any() and (samples == 1 or len(np.unique(serial.images)) > 1)
+    np.testing.assert_array_equal(overlapped.bits_all, serial.bits_all)
+    np.testing.assert_array_equal(overlapped.images, serial.images)
+    assert len(features_overlapped) == len(range(0, samples, batch))
+    for a, b in zip(features_overlapped, features_serial):
+        assert torch.equal(a, b)
+
+
+def test_overlapped_decoding_passes_a_failure_on_and_stops_its_thread(cuda_stream_calls_as_no_ops):
+    from bar_lightning.eval.evaluate import OverlappedDecoding, StageClock
+
+    outputs = OverlappedDecoding(_SumDecoder(fail_at_call=2), None, StageClock(torch.device("cpu")),
+                                 np.zeros((6, 6), np.uint8), torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="decoder failed"), outputs:
+        for start in (0, 3):
+            outputs.add(torch.ones(3, 6, dtype=torch.uint8), slice(start, start + 3))
+    assert outputs.executor._shutdown
