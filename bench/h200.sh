@@ -242,11 +242,9 @@ case "${1:-sampling}" in
     echo "official G/D phase done at ${SECONDS} s"
     ;;
   gpu_tests)
-    # The GPU tests of the code changed since the last device session, before the runs that depend on it: the
-    # tokenizer's G/D steps through the non-finite-loss callback, and evaluate.py's decoding overlapped with sampling
-    # (images, bits and metrics equal to the serial order's).
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_tokenizer.py tests/test_gpu_evaluation.py 2>&1 \
-      | tail -6 | tee "$OUT/gpu_tests.log"
+    # evaluate.py's decoding overlapped with sampling (overlap_decoding=true: images, bits and metrics equal to the
+    # serial order's), before evaluation_50k turns it on; the tokenizer's GPU tests run in tokenizer_profile_same_call.
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_evaluation.py 2>&1 | tail -6 | tee "$OUT/gpu_tests.log"
     ;;
   gpu_tests_and_ours_profile)
     # A short session: part gpu_tests, then ours' compiled generator phase with its kernel profile in the seconds
