@@ -188,8 +188,8 @@ class SerialDecoding:
 
 class OverlappedDecoding(SerialDecoding):
     """CUDA: batch k's decoding, Inception features and device-to-host copies run on a second stream while batch
-    k + 1 is sampled on the first, so they take the GPU time the sampling graph leaves unused instead of adding to
-    it (measured in docs/benchmarks.md). The copies go to two pinned buffers in turn, from which a host thread
+    k + 1 is sampled on the first, so that they can take the GPU time the sampling graph leaves unused instead of
+    adding to it (what that saves: docs/benchmarks.md, once measured). The copies go to two pinned buffers in turn, from which a host thread
     moves them into the output arrays; the main thread never waits for more than the previous batch.
     """
 
