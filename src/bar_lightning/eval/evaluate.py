@@ -128,9 +128,8 @@ def generate_shard(
     clock = clock or StageClock(device)
     settings, cuda_graph = sampling_settings(sampling, allocation), uses_cuda_graph(sampling, device)
     bits_all = np.zeros((len(indices), generator.num_tokens * generator.bits_per_token), np.uint8)
-    outputs = SerialDecoding(tokenizer, feature_stream, clock, bits_all)
-    if overlap and tokenizer is not None:
-        outputs = OverlappedDecoding(tokenizer, feature_stream, clock, bits_all, device)
+    outputs = (OverlappedDecoding(tokenizer, feature_stream, clock, bits_all, device) if overlap and tokenizer is not None
+               else SerialDecoding(tokenizer, feature_stream, clock, bits_all))
     with Progress(disable=not os.environ.get("BAR_PROGRESS", "1") == "1") as progress, outputs:
         task = progress.add_task("sampling", total=len(indices))
         loop_began = time.perf_counter()
