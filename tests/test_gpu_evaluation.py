@@ -64,5 +64,7 @@ def test_overlapped_decoding_gives_the_serial_results(
     for name in ("fid", "sfid", "isc", "kid", "precision", "recall"):
         assert overlapped[name] == pytest.approx(serial[name], rel=1e-5, abs=1e-6), name
     timings = json.loads((tmp_path / "a" / "metrics.json").read_text())["timings_s"]
-    assert timings["decoding"] > 0 and timings["to_host"] > 0 and timings["inception_features"] > 0
+    # The overlapped path times its stages too. Copying nine 16 px images takes microseconds, which the clock's
+    # millisecond rounding makes 0.0 (as it did on an H100 with one batch): present and not negative is what holds.
+    assert timings["decoding"] > 0 and timings["inception_features"] > 0 and timings["to_host"] >= 0
 
