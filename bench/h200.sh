@@ -5,7 +5,7 @@
 #                      training_side_by_side | after_move | tokenizer_compiled_side_by_side |
 #                      after_move_and_ours | tokenizer_generator_same_call | tokenizer_gan_same_call |
 #                      tokenizer_profile_same_call | tokenizer_gan_and_levers | evaluation_50k | tokenizer_memory |
-#                      gpu_tests | gpu_tests_and_ours_profile LIMIT_S
+#                      gpu_tests | gpu_tests_and_ours_profile LIMIT_S | official_profile PHASE
 # Needs the wheels of ../shared/tools/device-wheels.sh in .whl (Hydra, webdataset, torch-fidelity); official_tokenizer
 # also the official requirements (transformers 4.56.1, timm, accelerate and theirs) there and the official code
 # exported to .upstream/bar (bench/official_tokenizer.py says how).
@@ -269,6 +269,15 @@ case "${1:-sampling}" in
       --out "$OUT/evaluation_bar_b_fp32_batch500_50k.json" \
       2>&1 | quiet | tail -30
     echo "evaluation done at ${SECONDS} s"
+    ;;
+  official_profile)
+    # The official tokenizer step compiled, phase ${2} (generator or gan), with its kernel profile, alone in a call:
+    # in tokenizer_profile_same_call (2026-12-07) its cold compilation plus the profiled batches ran past 330 s and
+    # left ours too little time. The same-call ratio is measured without --profile (tokenizer_generator_same_call).
+    cd bench
+    timeout $((590 - SECONDS)) python3 official_tokenizer.py --phase "${2:-generator}" --profile \
+      --out "$OUT/official_tokenizer_compiled_${2:-generator}_profile.json" 2>&1 | quiet | tail -30
+    echo "official ${2:-generator} phase done at ${SECONDS} s"
     ;;
   tokenizer_memory)
     # The eager tokenizer steps' memory gap (ours 42.84 against the official 41.16 GiB, generator phase): the CUDA
