@@ -194,6 +194,8 @@ def main() -> None:
             return captured
 
         metrics_module.InceptionFeatureStream.features = capturing_features
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         began = time.perf_counter()
         print(f"run_evaluation starts {began - process_began:.1f} s after the arguments were parsed (imports before)",
               flush=True)
@@ -227,6 +229,9 @@ def main() -> None:
         "images_per_s_loop": samples / timings["sampling_loop_wall"],
         "first_batch_s": first, "images_per_s_after_first_batch": steady_rate,
         "fixed_s": fixed,
+        # Of the whole run: the KV cache and CUDA-graph pool of the sampler, the decoder, Inception and statistics.
+        "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None,
         f"extrapolated_{args.target_samples}_s": timings["sampling_loop_wall"] * scale + fixed,
         f"extrapolated_{args.target_samples}_first_batch_once_s":
             first + (args.target_samples - min(args.batch, samples)) / steady_rate + fixed,
