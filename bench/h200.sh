@@ -247,10 +247,13 @@ case "${1:-sampling}" in
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_evaluation.py 2>&1 | tail -6 | tee "$OUT/gpu_tests.log"
     ;;
   gpu_tests_and_ours_profile)
-    # A short session: part gpu_tests, then ours' compiled generator phase with its kernel profile in the seconds
-    # left of ${2} (the call's limit; ~200 s from a cold compile cache), without the official step beside it.
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_tokenizer.py tests/test_gpu_evaluation.py 2>&1 \
-      | tail -6 | tee "$OUT/gpu_tests.log"
+    # Both GPU test files of issue 16 (82 + 71 s in separate runs on 2026-12-07; a failure's traceback in
+    # gpu_tests_full.log, without the log capture that filled the tail that day), then ours' compiled generator phase
+    # with its kernel profile in the seconds left of ${2} (the call's limit; ~200 s from a cold compile cache),
+    # without the official step beside it (official_profile, its own call).
+    timeout 190 python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=short tests/test_gpu_tokenizer.py \
+      tests/test_gpu_evaluation.py > "$OUT/gpu_tests_full.log" 2>&1
+    tail -6 "$OUT/gpu_tests_full.log" | tee "$OUT/gpu_tests.log"
     echo "tests done at ${SECONDS} s"
     cd bench
     timeout $((${2:-590} - 8 - SECONDS)) python3 tokenizer_training.py --phases generator --variants compile --profile \
