@@ -216,9 +216,7 @@ class OverlappedDecoding(SerialDecoding):
     def add(self, bits: torch.Tensor, rows: slice) -> None:
         slot, size = self.count % 2, rows.stop - rows.start
         self.count += 1
-        if self.host_copies[slot] is not None:  # the batch before last still being moved out of this buffer
-            self.host_copies[slot].result()
-            self.host_copies[slot] = None
+        self._await_move(slot)  # the batch before last may still be being moved out of this buffer
         self.stream.wait_stream(torch.cuda.current_stream(self.device))  # this batch's sampling is done first
         bits.record_stream(self.stream)  # made on the sampling stream, read on this one
         with torch.cuda.stream(self.stream):
@@ -254,12 +252,16 @@ class OverlappedDecoding(SerialDecoding):
 
         self.host_copies[slot] = self.executor.submit(move)
 
+    def _await_move(self, slot: int) -> None:
+        """Until the host thread has emptied buffer `slot` (its failure, if any, raised here)."""
+        future, self.host_copies[slot] = self.host_copies[slot], None
+        if future is not None:
+            future.result()
+
     def wait(self) -> None:
         self._move_out_previous()
-        for slot, future in enumerate(self.host_copies):
-            if future is not None:
-                future.result()
-                self.host_copies[slot] = None
+        for slot in range(len(self.host_copies)):
+            self._await_move(slot)
 
 
 def sampling_settings(sampling: DictConfig, allocation: list[int]) -> SamplingSettings:
