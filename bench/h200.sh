@@ -5,7 +5,8 @@
 #                      training_side_by_side | after_move | tokenizer_compiled_side_by_side |
 #                      after_move_and_ours | tokenizer_generator_same_call | tokenizer_gan_same_call |
 #                      tokenizer_profile_same_call | tokenizer_gan_and_levers | evaluation_50k | tokenizer_memory |
-#                      gpu_tests | gpu_tests_and_ours_profile LIMIT_S | official_profile PHASE
+#                      gpu_tests | gpu_tests_and_ours_profile LIMIT_S | evaluation_tests_and_ours_profile LIMIT_S |
+#                      official_profile PHASE
 # Needs the wheels of ../shared/tools/device-wheels.sh in .whl (Hydra, webdataset, torch-fidelity); official_tokenizer
 # also the official requirements (transformers 4.56.1, timm, accelerate and theirs) there and the official code
 # exported to .upstream/bar (bench/official_tokenizer.py says how).
@@ -253,6 +254,20 @@ case "${1:-sampling}" in
     # without the official step beside it (official_profile, its own call).
     timeout 190 python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=short tests/test_gpu_tokenizer.py \
       tests/test_gpu_evaluation.py > "$OUT/gpu_tests_full.log" 2>&1
+    tail -6 "$OUT/gpu_tests_full.log" | tee "$OUT/gpu_tests.log"
+    echo "tests done at ${SECONDS} s"
+    cd bench
+    timeout $((${2:-590} - 8 - SECONDS)) python3 tokenizer_training.py --phases generator --variants compile --profile \
+      --out "$OUT/tokenizer_training_compile_generator_profile.json" 2>&1 | quiet | tail -32
+    echo "ours generator phase done at ${SECONDS} s"
+    ;;
+  evaluation_tests_and_ours_profile)
+    # tests/test_gpu_evaluation.py alone (the code it covers changed after its last GPU run; the tokenizer's code did
+    # not since tests/test_gpu_tokenizer.py passed on 2026-12-07), then ours' compiled generator phase with its kernel
+    # profile in the seconds left of ${2} (the call's limit): ~100 s less than gpu_tests_and_ours_profile, for a
+    # session whose failed starts left too little for that and official_profile both.
+    timeout 110 python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=short tests/test_gpu_evaluation.py \
+      > "$OUT/gpu_tests_full.log" 2>&1
     tail -6 "$OUT/gpu_tests_full.log" | tee "$OUT/gpu_tests.log"
     echo "tests done at ${SECONDS} s"
     cd bench
