@@ -246,3 +246,23 @@ def test_training_compile_compiles_the_tokenizer_and_loss_and_the_discriminator_
             wanted = compiled_expected and (name != "discriminator" or compile_discriminator)
             assert compiled == wanted, (device, name)
             assert getattr(module._forward(name), "_orig_mod", module._forward(name)) is getattr(module, name)
+
+
+@pytest.mark.parametrize("pin_memory, workers, persistent", [(True, 1, True), (False, 0, False)])
+def test_synthetic_image_data_takes_the_loader_keys_of_the_config(tmp_path, pin_memory, workers, persistent):
+    # data.pin_memory / data.persistent_workers reach the synthetic source's loaders as the webdataset one's (they
+    # were once ignored there, and the tokenizer bench copied unpinned batches).
+    cfg = validate_train_config(compose_train(
+        ["experiment=tiny_tokenizer", "data=synthetic_images", f"data.pin_memory={str(pin_memory).lower()}",
+         f"data.num_workers={workers}", f"data.persistent_workers={str(persistent).lower()}",
+         "data.synthetic_val_num_samples=8"], tmp_path))
+    _, datamodule = build_tokenizer_job(cfg)
+    for loader in (datamodule.train_dataloader(), datamodule.val_dataloader()):
+        assert (loader.pin_memory, loader.num_workers, loader.persistent_workers) == (pin_memory, workers, persistent)
+
+
+def test_synthetic_image_data_refuses_persistent_workers_without_workers():
+    from bar_lightning.lightning.image_datamodule import SyntheticImageDataModule
+
+    with pytest.raises(ValueError, match="persistent_workers=True needs num_workers > 0"):
+        SyntheticImageDataModule(image_size=16, batch_size=8, num_samples=16, persistent_workers=True)

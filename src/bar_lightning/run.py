@@ -143,6 +143,7 @@ def synthetic_image_data(data: dict[str, Any]) -> SyntheticImageDataModule:
     return SyntheticImageDataModule(
         image_size=data["crop_size"], batch_size=data["batch_size"], num_samples=data["synthetic_num_samples"],
         val_num_samples=data["synthetic_val_num_samples"], seed=data["seed"], num_workers=data["num_workers"],
+        pin_memory=data["pin_memory"], persistent_workers=data["persistent_workers"],
     )
 
 

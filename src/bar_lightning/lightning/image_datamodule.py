@@ -225,11 +225,19 @@ class SyntheticImageDataModule(LightningDataModule):
     """Seeded synthetic images (see `SyntheticImages`) for the tiny tokenizer experiment and tests."""
 
     def __init__(self, *, image_size: int, batch_size: int, num_samples: int = 256, val_num_samples: int = 0,
-                 num_classes: int = 10, seed: int = 0, num_workers: int = 0) -> None:
+                 num_classes: int = 10, seed: int = 0, num_workers: int = 0, pin_memory: bool | None = None,
+                 persistent_workers: bool | None = None) -> None:
         super().__init__()
         if batch_size <= 0 or batch_size > num_samples:
             raise ValueError(f"batch_size={batch_size} must be in 1..num_samples={num_samples}")
+        if persistent_workers and num_workers == 0:
+            raise ValueError("persistent_workers=True needs num_workers > 0, got num_workers=0")
         self.save_hyperparameters()
+        # As ImageDataModule: pinned batches on CUDA, so the host-to-device copy of a float32 batch is asynchronous
+        # (bench/tokenizer_training.py's profile of 2026-12-07 found pageable copies in the step when these keys were
+        # ignored here).
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers
         self.train_dataset = SyntheticImages(num_samples=num_samples, image_size=image_size, num_classes=num_classes,
                                              seed=seed)
         self.val_dataset = (
@@ -242,7 +250,14 @@ class SyntheticImageDataModule(LightningDataModule):
         # Resumable: the order of each epoch follows from (seed, epoch) and a resumed fit continues mid-epoch.
         return ResumableDataLoader(self.train_dataset, seed=self.hparams.seed, epoch_fn=self._current_epoch,
                                    batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
-                                   num_workers=self.hparams.num_workers)
+                                   **self._loader_kwargs())
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_workers": self.hparams.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.persistent_workers,
+        }
 
     def _current_epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
@@ -250,5 +265,5 @@ class SyntheticImageDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:
             return []
-        return DataLoader(self.val_dataset, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers,
-                          generator=torch.Generator().manual_seed(self.hparams.seed))
+        return DataLoader(self.val_dataset, batch_size=self.hparams.batch_size,
+                          generator=torch.Generator().manual_seed(self.hparams.seed), **self._loader_kwargs())
