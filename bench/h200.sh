@@ -293,7 +293,7 @@ case "${1:-sampling}" in
     # in tokenizer_profile_same_call (2026-12-07) its cold compilation plus the profiled batches ran past 330 s and
     # left ours too little time. The same-call ratio is measured without --profile (tokenizer_generator_same_call).
     cd bench
-    timeout $((590 - SECONDS)) python3 official_tokenizer.py --phase "${2:-generator}" --profile \
+    timeout $((${OFFICIAL_LIMIT_S:-590} - SECONDS)) python3 official_tokenizer.py --phase "${2:-generator}" --profile \
       --out "$OUT/official_tokenizer_compiled_${2:-generator}_profile.json" 2>&1 | quiet | tail -30
     echo "official ${2:-generator} phase done at ${SECONDS} s"
     ;;
