@@ -156,6 +156,10 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     results: dict[str, Any] = {"machine": machine(), "rows": []}
+    # Each run sets the config's float32 matmul precision (as train.py) after this block is read: its row records
+    # the precision the step ran with, so the process state at start would only mislead here.
+    for key in ("tf32_matmul", "float32_matmul_precision"):
+        results["machine"].pop(key, None)
     for phase in args.phases.split(","):
         for name in args.variants.split(","):
             try:
