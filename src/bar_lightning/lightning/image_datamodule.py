@@ -234,8 +234,8 @@ class SyntheticImageDataModule(LightningDataModule):
             raise ValueError("persistent_workers=True needs num_workers > 0, got num_workers=0")
         self.save_hyperparameters()
         # As ImageDataModule: pinned batches on CUDA, so the host-to-device copy of a float32 batch is asynchronous
-        # (bench/tokenizer_training.py's profile of 2026-12-07 found pageable copies in the step when these keys were
-        # ignored here).
+        # (while these keys were ignored here, the profiled tokenizer bench step held pageable copies:
+        # docs/benchmarks.md, 5e).
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers
         self.train_dataset = SyntheticImages(num_samples=num_samples, image_size=image_size, num_classes=num_classes,
