@@ -1,5 +1,6 @@
 """The BAR-FSQ tokenizer on a GPU: the golden fixture's bits and decoding as on the CPU, and one generator step and
-one discriminator step of the full-size training module (random stand-ins for its pretrained networks).
+one discriminator step of the full-size training module (random stand-ins for its pretrained networks), and the
+tiny tokenizer trained with CUDA graphs (training.compile_mode=reduce-overhead) as without.
 
 Skipped without a GPU; bench/h200.sh runs it.
 """
@@ -72,3 +73,35 @@ def test_full_size_tokenizer_takes_a_generator_and_a_discriminator_step(tmp_path
                for parameter in group["params"]}
     frozen_encoder = module.tokenizer.encoder.frozen_layers.parameters()
     assert not any(id(parameter) in trained for parameter in frozen_encoder)
+
+
+def test_tiny_tokenizer_trains_with_cuda_graphs_as_compiled_without(tmp_path):
+    # training.compile_mode=reduce-overhead replays the tokenizer's and the loss's compiled forwards and backwards as
+    # CUDA graphs: two G and two D steps (G and D alternate from step 0) end with the weights and losses of the
+    # same compiled step without graphs, and no output is read after the next replay overwrote it (torch raises then).
+    results = {}
+    for mode in ("default", "reduce-overhead"):
+        cfg = validate_train_config(compose_train(
+            ["experiment=tiny_tokenizer", "trainer=gpu", "trainer.precision=32-true", "training.compile=true",
+             f"training.compile_mode={mode}", "training.discriminator_start=0", "trainer.max_steps=4",
+             "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
+             "trainer.enable_model_summary=false", "logger=none", "callbacks=none"],
+            tmp_path / mode,
+        ))
+        L.seed_everything(0)
+        module, datamodule = build_tokenizer_job(cfg)
+        recorder = OptimizerStepRecorder()
+        trainer = build_trainer(cfg)
+        trainer.callbacks.append(recorder)
+        trainer.fit(module, datamodule=datamodule)
+        assert recorder.kinds == ["G", "D", "G", "D"]
+        assert module._cuda_graphs is (mode == "reduce-overhead")
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+        assert all(torch.isfinite(torch.tensor(value)) for value in metrics.values())
+        results[mode] = metrics, {key: value.detach().cpu().clone() for key, value in module.tokenizer.state_dict().items()}
+    (metrics, weights), (graph_metrics, graph_weights) = results["default"], results["reduce-overhead"]
+    assert set(metrics) == set(graph_metrics) and {"train/loss", "train/d_loss"} <= set(metrics)
+    for key, value in metrics.items():
+        assert graph_metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    for key, value in weights.items():
+        torch.testing.assert_close(graph_weights[key], value, rtol=1e-4, atol=1e-5)

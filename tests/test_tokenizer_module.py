@@ -132,6 +132,7 @@ def test_conv_tokenizer_rejects_bad_input_and_starts_with_balanced_bits():
         (["+model.hidden=3"], r"model: unknown key\(s\) \['hidden'\]"),
         (["trainer.gradient_clip_val=1.0"], "manual optimisation"),
         (["data.crop_size=32"], "does not match model.image_size=16"),
+        (["training.compile_mode=fastest"], r"training\.compile_mode='fastest' is not offered for the tokenizer"),
     ],
 )
 def test_invalid_tokenizer_configs_name_the_key(overrides, message):
@@ -266,3 +267,52 @@ def test_synthetic_image_data_refuses_persistent_workers_without_workers():
 
     with pytest.raises(ValueError, match="persistent_workers=True needs num_workers > 0"):
         SyntheticImageDataModule(image_size=16, batch_size=8, num_samples=16, persistent_workers=True)
+
+
+@pytest.mark.parametrize("compile_mode, graphs", [("default", False), ("reduce-overhead", True)])
+def test_training_compile_mode_reaches_the_tokenizer_and_loss_but_not_the_discriminator(
+        tmp_path, monkeypatch, compile_mode, graphs):
+    from types import SimpleNamespace
+
+    cfg = validate_train_config(compose_train(
+        ["experiment=tiny_tokenizer", "training.compile=true", "training.compile_discriminator=true",
+         f"training.compile_mode={compile_mode}"], tmp_path))
+    module, _ = build_tokenizer_job(cfg)
+    modes = {}
+
+    def recording_compile(model, mode=None):
+        modes[next(name for name in ("tokenizer", "loss", "discriminator") if getattr(module, name) is model)] = mode
+        return model
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda")))
+    try:
+        module.on_fit_start()
+    finally:
+        module._trainer = None
+    wanted = "reduce-overhead" if graphs else None
+    assert modes == {"tokenizer": wanted, "loss": wanted, "discriminator": None}
+    assert module._cuda_graphs is graphs
+
+
+def test_a_step_with_cuda_graph_copies_trains_and_logs_as_without(tmp_path):
+    # The copies made for CUDA-graph replays (training.compile_mode=reduce-overhead) keep the gradient path: on the
+    # CPU, with the same seed, two G and two D steps log the same losses and leave the same weights either way.
+    results = []
+    for graphs in (False, True):
+        cfg = validate_train_config(compose_train(
+            ["experiment=tiny_tokenizer", *QUIET, "training.discriminator_start=0", "trainer.max_steps=4",
+             "callbacks=none", "logger=none"], tmp_path / str(graphs)))
+        L.seed_everything(cfg.seed)
+        module, datamodule = build_tokenizer_job(cfg)
+        object.__setattr__(module, "_cuda_graphs", graphs)  # as on_fit_start sets it on a GPU
+        trainer = build_trainer(cfg)
+        trainer.fit(module, datamodule=datamodule)
+        assert module._cuda_graphs is graphs
+        results.append(({key: float(value) for key, value in trainer.callback_metrics.items()},
+                        {key: value.clone() for key, value in module.tokenizer.state_dict().items()}))
+    (metrics, weights), (graph_metrics, graph_weights) = results
+    assert {"train/loss", "train/d_loss"} <= set(metrics)
+    assert metrics == graph_metrics
+    for key, value in weights.items():
+        torch.testing.assert_close(graph_weights[key], value, rtol=0, atol=0)

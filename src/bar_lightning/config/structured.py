@@ -272,6 +272,10 @@ class TokenizerTrainingConfig:
     # With `compile`, also torch.compile the discriminator (the official recipe compiles it, inside its loss module);
     # off until measured against the eager discriminator (bench/tokenizer_training.py, variant compile+discriminator).
     compile_discriminator: bool = MISSING
+    # torch.compile mode of the tokenizer's and the losses' forward: "default", "reduce-overhead" (replayed as CUDA
+    # graphs: the profiled step left the device idle 28.5 of 202.8 ms waiting on the host, docs/benchmarks.md 5e; not
+    # measured yet, so not the default) or "max-autotune-no-cudagraphs". The discriminator keeps "default".
+    compile_mode: str = MISSING
 
 
 @dataclass

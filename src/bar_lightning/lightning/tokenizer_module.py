@@ -12,6 +12,7 @@ import torchvision
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from bar_lightning.config.schema import compiles_with_cuda_graphs
 from bar_lightning.lightning.ema import EMA
 from bar_lightning.lightning.loss_check import NonFiniteLossCheck
 from bar_lightning.lightning.optimization import (
@@ -70,6 +71,9 @@ class TokenizerModule(L.LightningModule):
         # discriminator training.compile_discriminator), kept out of the module tree so that checkpoints hold no
         # `_orig_mod.` keys.
         object.__setattr__(self, "_compiled", None)
+        # Whether those forwards replay CUDA graphs (training.compile_mode): their outputs are then overwritten by the
+        # next step's replay, so what outlives the step (logged and checked losses) is copied.
+        object.__setattr__(self, "_cuda_graphs", False)
 
     def on_fit_start(self) -> None:
         from lightning.pytorch.strategies import FSDPStrategy
@@ -77,10 +81,16 @@ class TokenizerModule(L.LightningModule):
         strategy = self.trainer.strategy
         wanted = bool(self.hparams.training.get("compile", False))
         if wanted and strategy.root_device.type == "cuda" and not isinstance(strategy, FSDPStrategy):
-            compiled = {"tokenizer": torch.compile(self.tokenizer), "loss": torch.compile(self.loss)}
+            # Checkpoints written before training.compile_mode existed hold no such key.
+            mode = self.hparams.training.get("compile_mode") or "default"
+            compiled = {name: torch.compile(getattr(self, name), mode=None if mode == "default" else mode)
+                        for name in ("tokenizer", "loss")}
             if self.discriminator is not None and self.hparams.training.get("compile_discriminator", False):
+                # Default mode whatever compile_mode says: the D step calls it twice (real, then fake images) before
+                # using either output, and a CUDA-graph replay reuses its output memory.
                 compiled["discriminator"] = torch.compile(self.discriminator)
             object.__setattr__(self, "_compiled", compiled)
+            object.__setattr__(self, "_cuda_graphs", compiles_with_cuda_graphs(mode, None))
 
     def _forward(self, name: str) -> nn.Module:
         """The compiled forward of `name` ("tokenizer", "loss", "discriminator") where training.compile (and for the
@@ -108,6 +118,9 @@ class TokenizerModule(L.LightningModule):
             optimizers, schedulers = [optimizers], [schedulers]
         training = self.hparams.training
         batch_size = images.shape[0]
+        if self._cuda_graphs:
+            # A new step: the graphs' outputs of the last one are no longer read.
+            torch.compiler.cudagraph_mark_step_begin()
 
         if self.is_generator_step(step):
             if self.discriminator is not None:
@@ -119,6 +132,9 @@ class TokenizerModule(L.LightningModule):
                 adversarial = generator_adversarial_loss(self._forward("discriminator")(output.reconstruction))
                 total = total + training["gan_weight"] * adversarial
                 terms["gan"] = adversarial.detach()
+            if self._cuda_graphs:
+                total = total.clone()
+                terms = {name: value.clone() for name, value in terms.items()}
             self.loss_check.note(total, "autoencoder")
             self._optimizer_step(optimizers[0], schedulers[0], total)
             self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
