@@ -6,7 +6,7 @@
 #                      after_move_and_ours | tokenizer_generator_same_call | tokenizer_gan_same_call |
 #                      tokenizer_profile_same_call | tokenizer_gan_and_levers | evaluation_50k | tokenizer_memory |
 #                      gpu_tests | gpu_tests_and_ours_profile LIMIT_S | evaluation_tests_and_ours_profile LIMIT_S |
-#                      official_profile PHASE
+#                      official_profile PHASE | tokenizer_cuda_graphs LIMIT_S
 # Needs the wheels of ../shared/tools/device-wheels.sh in .whl (Hydra, webdataset, torch-fidelity); official_tokenizer
 # also the official requirements (transformers 4.56.1, timm, accelerate and theirs) there and the official code
 # exported to .upstream/bar (bench/official_tokenizer.py says how).
@@ -274,6 +274,19 @@ case "${1:-sampling}" in
     timeout $((${2:-590} - 8 - SECONDS)) python3 tokenizer_training.py --phases generator --variants compile --profile \
       --out "$OUT/tokenizer_training_compile_generator_profile.json" 2>&1 | quiet | tail -32
     echo "ours generator phase done at ${SECONDS} s"
+    ;;
+  tokenizer_cuda_graphs)
+    # The tokenizer's GPU tests (the CUDA-graph test among them: training.compile_mode=reduce-overhead, added after
+    # 2026-12-07's profiles), then ours' generator phase compiled with CUDA graphs and with the default compile mode,
+    # both with the synthetic batches pinned now (fresh machine, cold compile cache: ~200 s, then ~60 s warm).
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=short tests/test_gpu_tokenizer.py \
+      > "$OUT/gpu_tests_full.log" 2>&1
+    tail -6 "$OUT/gpu_tests_full.log" | tee "$OUT/gpu_tests.log"
+    echo "tests done at ${SECONDS} s"
+    cd bench
+    timeout $((${2:-590} - 8 - SECONDS)) python3 tokenizer_training.py --phases generator \
+      --variants compile+cuda_graphs,compile --out "$OUT/tokenizer_training_cuda_graphs_generator.json" 2>&1 | quiet | tail -4
+    echo "ours done at ${SECONDS} s"
     ;;
   evaluation_50k)
     # Issue 16 item 4 for real: evaluate.py over 50,000 samples (BAR-B fp32, batch 500, every metric), a progress
