@@ -18,6 +18,20 @@ export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 BAR_PROGRESS=0 TORCHINDU
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
 quiet() { grep -v -i -e warn -e "^ *return F" -e "^ *warnings" ; }
+# GPU test files under a time limit, the whole log kept in $OUT (a failure's traceback; pytest's log capture once
+# filled the reply's tail), its last lines printed: gpu_tests_to_log LIMIT_S FILE...
+gpu_tests_to_log() {
+  local limit=$1; shift
+  timeout "$limit" python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=short "$@" > "$OUT/gpu_tests_full.log" 2>&1
+  tail -6 "$OUT/gpu_tests_full.log" | tee "$OUT/gpu_tests.log"
+  echo "tests done at ${SECONDS} s"
+}
+# Ours' compiled tokenizer generator phase with its kernel profile, in the seconds left of the call's limit CALL_S.
+ours_generator_profile() {
+  (cd bench && timeout $((${1:-590} - 8 - SECONDS)) python3 tokenizer_training.py --phases generator --variants compile \
+    --profile --out "$OUT/tokenizer_training_compile_generator_profile.json" 2>&1 | quiet | tail -32)
+  echo "ours generator phase done at ${SECONDS} s"
+}
 case "${1:-sampling}" in
   sampling)
     timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_sampling.py 2>&1 | tail -8 | tee "$OUT/gpu_tests.log"
@@ -252,37 +266,22 @@ case "${1:-sampling}" in
     # gpu_tests_full.log, without the log capture that filled the tail that day), then ours' compiled generator phase
     # with its kernel profile in the seconds left of ${2} (the call's limit; ~200 s from a cold compile cache),
     # without the official step beside it (official_profile, its own call).
-    timeout 190 python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=short tests/test_gpu_tokenizer.py \
-      tests/test_gpu_evaluation.py > "$OUT/gpu_tests_full.log" 2>&1
-    tail -6 "$OUT/gpu_tests_full.log" | tee "$OUT/gpu_tests.log"
-    echo "tests done at ${SECONDS} s"
-    cd bench
-    timeout $((${2:-590} - 8 - SECONDS)) python3 tokenizer_training.py --phases generator --variants compile --profile \
-      --out "$OUT/tokenizer_training_compile_generator_profile.json" 2>&1 | quiet | tail -32
-    echo "ours generator phase done at ${SECONDS} s"
+    gpu_tests_to_log 190 tests/test_gpu_tokenizer.py tests/test_gpu_evaluation.py
+    ours_generator_profile "${2:-590}"
     ;;
   evaluation_tests_and_ours_profile)
     # tests/test_gpu_evaluation.py alone (the code it covers changed after its last GPU run; the tokenizer's code did
     # not since tests/test_gpu_tokenizer.py passed on 2026-12-07), then ours' compiled generator phase with its kernel
     # profile in the seconds left of ${2} (the call's limit): ~100 s less than gpu_tests_and_ours_profile, for a
     # session whose failed starts left too little for that and official_profile both.
-    timeout 110 python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=short tests/test_gpu_evaluation.py \
-      > "$OUT/gpu_tests_full.log" 2>&1
-    tail -6 "$OUT/gpu_tests_full.log" | tee "$OUT/gpu_tests.log"
-    echo "tests done at ${SECONDS} s"
-    cd bench
-    timeout $((${2:-590} - 8 - SECONDS)) python3 tokenizer_training.py --phases generator --variants compile --profile \
-      --out "$OUT/tokenizer_training_compile_generator_profile.json" 2>&1 | quiet | tail -32
-    echo "ours generator phase done at ${SECONDS} s"
+    gpu_tests_to_log 110 tests/test_gpu_evaluation.py
+    ours_generator_profile "${2:-590}"
     ;;
   tokenizer_cuda_graphs)
     # The tokenizer's GPU tests (the CUDA-graph test among them: training.compile_mode=reduce-overhead, added after
     # 2026-12-07's profiles), then ours' generator phase compiled with CUDA graphs and with the default compile mode,
     # both with the synthetic batches pinned now (fresh machine, cold compile cache: ~200 s, then ~60 s warm).
-    timeout 200 python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=short tests/test_gpu_tokenizer.py \
-      > "$OUT/gpu_tests_full.log" 2>&1
-    tail -6 "$OUT/gpu_tests_full.log" | tee "$OUT/gpu_tests.log"
-    echo "tests done at ${SECONDS} s"
+    gpu_tests_to_log 200 tests/test_gpu_tokenizer.py
     cd bench
     timeout $((${2:-590} - 8 - SECONDS)) python3 tokenizer_training.py --phases generator \
       --variants compile+cuda_graphs,compile --out "$OUT/tokenizer_training_cuda_graphs_generator.json" 2>&1 | quiet | tail -4

@@ -7,17 +7,15 @@ Skipped without a GPU; bench/h200.sh runs it.
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 
 from bar_lightning.config.schema import validate_train_config
-from bar_lightning.run import build_tokenizer_job, build_trainer
 from bar_lightning.stand_in_weights import write_stand_in_weights
 
 from .test_configs import compose_train
 from .test_parity_tokenizer import c2_sizes, load_tokenizer, max_error, read_fixture
-from .test_tokenizer_module import OptimizerStepRecorder
+from .test_tokenizer_module import fit_recording_steps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # fp32 without TF32 on the GPU: the kernels differ from the CPU's (reduction order), not the precision.
@@ -59,12 +57,7 @@ def test_full_size_tokenizer_takes_a_generator_and_a_discriminator_step(tmp_path
     written = write_stand_in_weights(cfg)
     assert set(written) == {"loss.vgg16_weights", "loss.lpips_weights", "loss.convnext_weights",
                             "discriminator.backbone_weights", "training.encoder_init_weights"}
-    L.seed_everything(0)
-    module, datamodule = build_tokenizer_job(cfg)
-    recorder = OptimizerStepRecorder()
-    trainer = build_trainer(cfg)
-    trainer.callbacks.append(recorder)
-    trainer.fit(module, datamodule=datamodule)
+    module, trainer, recorder = fit_recording_steps(cfg)
     assert recorder.kinds == ["G", "D"]
     metrics = trainer.callback_metrics
     assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["train/d_loss"])
@@ -88,12 +81,7 @@ def test_tiny_tokenizer_trains_with_cuda_graphs_as_compiled_without(tmp_path):
              "trainer.enable_model_summary=false", "logger=none", "callbacks=none"],
             tmp_path / mode,
         ))
-        L.seed_everything(0)
-        module, datamodule = build_tokenizer_job(cfg)
-        recorder = OptimizerStepRecorder()
-        trainer = build_trainer(cfg)
-        trainer.callbacks.append(recorder)
-        trainer.fit(module, datamodule=datamodule)
+        module, trainer, recorder = fit_recording_steps(cfg)
         assert recorder.kinds == ["G", "D", "G", "D"]
         assert module._cuda_graphs is (mode == "reduce-overhead")
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}

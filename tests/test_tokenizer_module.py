@@ -47,6 +47,17 @@ class OptimizerStepRecorder(L.Callback):
         self.kinds.append("".join(stepped))
 
 
+def fit_recording_steps(cfg, seed: int = 0) -> tuple[TokenizerModule, L.Trainer, OptimizerStepRecorder]:
+    """Seed, build the tokenizer job of `cfg` and fit it, recording which optimiser stepped at each batch."""
+    L.seed_everything(seed)
+    module, datamodule = build_tokenizer_job(cfg)
+    recorder = OptimizerStepRecorder()
+    trainer = build_trainer(cfg)
+    trainer.callbacks.append(recorder)
+    trainer.fit(module, datamodule=datamodule)
+    return module, trainer, recorder
+
+
 @pytest.fixture(scope="module")
 def tiny_tokenizer_fit(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("tiny_tokenizer")

@@ -49,6 +49,7 @@ from bar_lightning.lightning.token_datamodule import (
     EpochSyncedDataLoader,
     EpochSyncedDataModule,
     ResumableDataLoader,
+    worker_options,
 )
 
 
@@ -143,8 +144,7 @@ class ImageDataModule(EpochSyncedDataModule):
         self.seed = seed
         self.max_skip_rate = max_skip_rate
         self.min_samples_for_skip_rate = min_samples_for_skip_rate
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers
+        self.worker_options = worker_options(num_workers, pin_memory, persistent_workers)
         self.skip_counter = SkipCounter(max_workers=num_workers)
         # Images over this many pixels are refused from their header, before they are decoded.
         self.max_image_pixels = max_image_pixels if max_image_pixels is not None else default_max_image_pixels(crop_size)
@@ -188,13 +188,6 @@ class ImageDataModule(EpochSyncedDataModule):
                 max_image_pixels=self.max_image_pixels,
             )
 
-    def _loader_kwargs(self) -> dict[str, Any]:
-        return {
-            "num_workers": self.num_workers,
-            "pin_memory": self.pin_memory,
-            "persistent_workers": self.persistent_workers,
-        }
-
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise RuntimeError("call setup() before train_dataloader()")
@@ -205,7 +198,7 @@ class ImageDataModule(EpochSyncedDataModule):
             epoch_fn=self._current_epoch,
             batch_size=self.batch_size,
             drop_last=True,
-            **self._loader_kwargs(),
+            **self.worker_options,
         )
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
@@ -217,7 +210,7 @@ class ImageDataModule(EpochSyncedDataModule):
         # Its own generator: starting a validation pass must not draw from the global stream training uses.
         return DataLoader(
             self.eval_dataset, batch_size=self.eval_batch_size, drop_last=False,
-            generator=torch.Generator().manual_seed(self.seed), **self._loader_kwargs()
+            generator=torch.Generator().manual_seed(self.seed), **self.worker_options
         )
 
 
@@ -233,11 +226,9 @@ class SyntheticImageDataModule(LightningDataModule):
         if persistent_workers and num_workers == 0:
             raise ValueError("persistent_workers=True needs num_workers > 0, got num_workers=0")
         self.save_hyperparameters()
-        # As ImageDataModule: pinned batches on CUDA, so the host-to-device copy of a float32 batch is asynchronous
-        # (while these keys were ignored here, the profiled tokenizer bench step held pageable copies:
-        # docs/benchmarks.md, 5e).
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers
+        # As ImageDataModule (while these keys were ignored here, the profiled tokenizer bench step held pageable
+        # host-to-device copies: docs/benchmarks.md, 5e).
+        self.worker_options = worker_options(num_workers, pin_memory, persistent_workers)
         self.train_dataset = SyntheticImages(num_samples=num_samples, image_size=image_size, num_classes=num_classes,
                                              seed=seed)
         self.val_dataset = (
@@ -250,14 +241,7 @@ class SyntheticImageDataModule(LightningDataModule):
         # Resumable: the order of each epoch follows from (seed, epoch) and a resumed fit continues mid-epoch.
         return ResumableDataLoader(self.train_dataset, seed=self.hparams.seed, epoch_fn=self._current_epoch,
                                    batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
-                                   **self._loader_kwargs())
-
-    def _loader_kwargs(self) -> dict[str, Any]:
-        return {
-            "num_workers": self.hparams.num_workers,
-            "pin_memory": self.pin_memory,
-            "persistent_workers": self.persistent_workers,
-        }
+                                   **self.worker_options)
 
     def _current_epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
@@ -266,4 +250,4 @@ class SyntheticImageDataModule(LightningDataModule):
         if self.val_dataset is None:
             return []
         return DataLoader(self.val_dataset, batch_size=self.hparams.batch_size,
-                          generator=torch.Generator().manual_seed(self.hparams.seed), **self._loader_kwargs())
+                          generator=torch.Generator().manual_seed(self.hparams.seed), **self.worker_options)

@@ -155,6 +155,16 @@ class EpochSyncedDataModule(LightningDataModule):
         return self.trainer.current_epoch if self.trainer is not None else self._epoch
 
 
+def worker_options(num_workers: int, pin_memory: bool | None, persistent_workers: bool | None) -> dict[str, Any]:
+    """The DataLoader's worker keywords of every DataModule here, with None resolved: `pin_memory` on where CUDA is
+    available (asynchronous host-to-device copies), `persistent_workers` where there are worker processes."""
+    return {
+        "num_workers": num_workers,
+        "pin_memory": torch.cuda.is_available() if pin_memory is None else pin_memory,
+        "persistent_workers": num_workers > 0 if persistent_workers is None else persistent_workers,
+    }
+
+
 class TokenDataModule(EpochSyncedDataModule):
     """Pretokenized (upstream ``.npz`` layout) or synthetic bit tokens for the BAR generator.
 
@@ -203,8 +213,7 @@ class TokenDataModule(EpochSyncedDataModule):
         self.synthetic_noise = synthetic_noise
         self.val_num_samples = val_num_samples
         self.seed = seed
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers
+        self.worker_options = worker_options(num_workers, pin_memory, persistent_workers)
         self.drop_last = drop_last
         self.train_dataset: PretokenizedTokens | SyntheticBitTokens | None = None
         self.val_dataset: SyntheticBitTokens | None = None
@@ -270,9 +279,7 @@ class TokenDataModule(EpochSyncedDataModule):
     def _loader_kwargs(self) -> dict[str, Any]:
         return {
             "batch_size": self.batch_size,
-            "num_workers": self.num_workers,
-            "pin_memory": self.pin_memory,
-            "persistent_workers": self.persistent_workers,
+            **self.worker_options,
         }
 
     def train_dataloader(self) -> DataLoader:
