@@ -278,9 +278,10 @@ case "${1:-sampling}" in
     ours_generator_profile "${2:-590}"
     ;;
   tokenizer_cuda_graphs)
-    # The tokenizer's GPU tests (the CUDA-graph test among them: training.compile_mode=reduce-overhead, added after
-    # 2026-12-07's profiles), then ours' generator phase compiled with CUDA graphs and with the default compile mode,
-    # both with the synthetic batches pinned now (fresh machine, cold compile cache: ~200 s, then ~60 s warm).
+    # The tokenizer's GPU tests (the CUDA-graph test among them: training.compile_mode=reduce-overhead; on 2026-12-07
+    # it found gradients kept past their step, released since), then ours' generator phase compiled with CUDA graphs
+    # and with the default compile mode (fresh machine, cold compile cache: 126 s of tests, then 171 + 140 s of
+    # first steps and ~100 s of timed ones on 2026-12-07).
     gpu_tests_to_log 200 tests/test_gpu_tokenizer.py
     cd bench
     timeout $((${2:-590} - 8 - SECONDS)) python3 tokenizer_training.py --phases generator \

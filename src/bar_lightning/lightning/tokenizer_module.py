@@ -172,6 +172,11 @@ class TokenizerModule(L.LightningModule):
             clip_gradient_norm(self, optimizer, self.hparams.training["gradient_clip_val"])
         optimizer.step()
         scheduler.step()
+        # Applied gradients are released at once, not at the next step of this optimiser: under CUDA graphs
+        # (training.compile_mode=reduce-overhead) they are outputs of the backward graph that the next replay
+        # overwrites, and anything that reads them later fails (Lightning's teardown moves every `.grad` to the CPU);
+        # and the G step's gradients need no memory during the D step.
+        optimizer.zero_grad(set_to_none=True)
 
     def configure_callbacks(self) -> list[L.Callback]:
         """The non-finite-loss check, attached by every Trainer that fits this module: it stops training at the
