@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import nn
 
 from bar_lightning.config.schema import ConfigError, validate_train_config
@@ -296,7 +297,7 @@ def test_training_compile_mode_reaches_the_tokenizer_and_loss_but_not_the_discri
         return model
 
     monkeypatch.setattr(torch, "compile", recording_compile)
-    module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda")))
+    module._trainer = SimpleNamespace(strategy=SingleDeviceStrategy(torch.device("cuda")))
     try:
         module.on_fit_start()
     finally:
@@ -304,6 +305,25 @@ def test_training_compile_mode_reaches_the_tokenizer_and_loss_but_not_the_discri
     wanted = "reduce-overhead" if graphs else None
     assert modes == {"tokenizer": wanted, "loss": wanted, "discriminator": None}
     assert module._cuda_graphs is graphs
+
+
+def test_cuda_graph_mode_is_refused_beyond_one_gpu(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    cfg = validate_train_config(compose_train(
+        ["experiment=tiny_tokenizer", "training.compile=true", "training.compile_mode=reduce-overhead"], tmp_path))
+    module, _ = build_tokenizer_job(cfg)
+    module._trainer = SimpleNamespace(strategy=DDPStrategy(parallel_devices=[torch.device("cuda", 0),
+                                                                             torch.device("cuda", 1)]),
+                                      world_size=2)
+    try:
+        with pytest.raises(ValueError, match=r"compile_mode='reduce-overhead'.*DDPStrategy on 2.*compile_mode=default"):
+            module.on_fit_start()
+    finally:
+        module._trainer = None
+    assert module._compiled is None
 
 
 def test_a_step_with_cuda_graph_copies_trains_and_logs_as_without(tmp_path):

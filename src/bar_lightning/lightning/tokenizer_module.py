@@ -76,13 +76,20 @@ class TokenizerModule(L.LightningModule):
         object.__setattr__(self, "_cuda_graphs", False)
 
     def on_fit_start(self) -> None:
-        from lightning.pytorch.strategies import FSDPStrategy
+        from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
 
         strategy = self.trainer.strategy
         wanted = bool(self.hparams.training.get("compile", False))
         if wanted and strategy.root_device.type == "cuda" and not isinstance(strategy, FSDPStrategy):
             # Checkpoints written before training.compile_mode existed hold no such key.
             mode = self.hparams.training.get("compile_mode") or "default"
+            if compiles_with_cuda_graphs(mode, None) and not isinstance(strategy, SingleDeviceStrategy):
+                # Measured and tested on one GPU only; DDP's gradient hooks around replayed backward graphs are not.
+                raise ValueError(
+                    f"training.compile_mode={mode!r} replays CUDA graphs and is offered on one GPU only; this run "
+                    f"uses {type(strategy).__name__} on {self.trainer.world_size} process(es): use "
+                    "training.compile_mode=default"
+                )
             compiled = {name: torch.compile(getattr(self, name), mode=None if mode == "default" else mode)
                         for name in ("tokenizer", "loss")}
             if self.discriminator is not None and self.hparams.training.get("compile_discriminator", False):
