@@ -6,7 +6,8 @@
 #                      after_move_and_ours | tokenizer_generator_same_call | tokenizer_gan_same_call |
 #                      tokenizer_profile_same_call | tokenizer_gan_and_levers | evaluation_50k | tokenizer_memory |
 #                      gpu_tests | gpu_tests_and_ours_profile LIMIT_S | evaluation_tests_and_ours_profile LIMIT_S |
-#                      official_profile PHASE | tokenizer_cuda_graphs LIMIT_S
+#                      official_profile PHASE | tokenizer_cuda_graphs LIMIT_S |
+#                      tokenizer_graphs_generator_same_call | tokenizer_graphs_gan_same_call
 # Needs the wheels of ../shared/tools/device-wheels.sh in .whl (Hydra, webdataset, torch-fidelity); official_tokenizer
 # also the official requirements (transformers 4.56.1, timm, accelerate and theirs) there and the official code
 # exported to .upstream/bar (bench/official_tokenizer.py says how).
@@ -287,6 +288,28 @@ case "${1:-sampling}" in
     timeout $((${2:-590} - 8 - SECONDS)) python3 tokenizer_training.py --phases generator \
       --variants compile+cuda_graphs,compile --out "$OUT/tokenizer_training_cuda_graphs_generator.json" 2>&1 | quiet | tail -4
     echo "ours done at ${SECONDS} s"
+    ;;
+  tokenizer_graphs_generator_same_call)
+    # After tokenizer_cuda_graphs on the same warm machine (ours' graphs cached): the official compiled generator
+    # phase (cold cache for it, ~280 s), then ours with CUDA graphs (~75 s warm), one call (2026-12-07: 354 s).
+    cd bench
+    timeout 400 python3 official_tokenizer.py --phase generator --out "$OUT/official_tokenizer_compiled_generator_graphs_call.json" \
+      2>&1 | quiet | tail -2
+    echo "official generator phase done at ${SECONDS} s"
+    timeout $((585 - SECONDS)) python3 tokenizer_training.py --phases generator --variants compile+cuda_graphs \
+      --out "$OUT/tokenizer_training_cuda_graphs_generator_same_call.json" 2>&1 | quiet | tail -3
+    echo "ours generator phase done at ${SECONDS} s"
+    ;;
+  tokenizer_graphs_gan_same_call)
+    # After tokenizer_graphs_generator_same_call (autoencoder graphs of both codes cached): ours' G/D phase with CUDA
+    # graphs (~130 s), then the official compiled G/D phase (~205 s), one call (2026-12-07: 337 s).
+    cd bench
+    timeout 210 python3 tokenizer_training.py --phases gan --variants compile+cuda_graphs \
+      --out "$OUT/tokenizer_training_cuda_graphs_gan_same_call.json" 2>&1 | quiet | tail -3
+    echo "ours G/D phase done at ${SECONDS} s"
+    timeout $((585 - SECONDS)) python3 official_tokenizer.py --phase gan --out "$OUT/official_tokenizer_compiled_gan_graphs_call.json" \
+      2>&1 | quiet | tail -2
+    echo "official G/D phase done at ${SECONDS} s"
     ;;
   evaluation_50k)
     # Issue 16 item 4 for real: evaluate.py over 50,000 samples (BAR-B fp32, batch 500, every metric), a progress
