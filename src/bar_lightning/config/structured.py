@@ -273,8 +273,9 @@ class TokenizerTrainingConfig:
     # off until measured against the eager discriminator (bench/tokenizer_training.py, variant compile+discriminator).
     compile_discriminator: bool = MISSING
     # torch.compile mode of the tokenizer's and the losses' forward: "default", "reduce-overhead" (replayed as CUDA
-    # graphs: the profiled step left the device idle 28.5 of 202.8 ms waiting on the host, docs/benchmarks.md 5e; not
-    # measured yet, so not the default) or "max-autotune-no-cudagraphs". The discriminator keeps "default".
+    # graphs, one GPU: 8.4 ms and 2.8 GiB less per generator step on an H100, docs/benchmarks.md 5f; not the default
+    # until its GPU test passes on the gradient release it prompted) or "max-autotune-no-cudagraphs". The
+    # discriminator keeps "default".
     compile_mode: str = MISSING
 
 

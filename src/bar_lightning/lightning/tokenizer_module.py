@@ -83,7 +83,8 @@ class TokenizerModule(L.LightningModule):
         if wanted and strategy.root_device.type == "cuda" and not isinstance(strategy, FSDPStrategy):
             # Checkpoints written before training.compile_mode existed hold no such key.
             mode = self.hparams.training.get("compile_mode") or "default"
-            if compiles_with_cuda_graphs(mode, None) and not isinstance(strategy, SingleDeviceStrategy):
+            cuda_graphs = compiles_with_cuda_graphs(mode, None)
+            if cuda_graphs and not isinstance(strategy, SingleDeviceStrategy):
                 # Measured and tested on one GPU only; DDP's gradient hooks around replayed backward graphs are not.
                 raise ValueError(
                     f"training.compile_mode={mode!r} replays CUDA graphs and is offered on one GPU only; this run "
@@ -97,7 +98,7 @@ class TokenizerModule(L.LightningModule):
                 # using either output, and a CUDA-graph replay reuses its output memory.
                 compiled["discriminator"] = torch.compile(self.discriminator)
             object.__setattr__(self, "_compiled", compiled)
-            object.__setattr__(self, "_cuda_graphs", compiles_with_cuda_graphs(mode, None))
+            object.__setattr__(self, "_cuda_graphs", cuda_graphs)
 
     def _forward(self, name: str) -> nn.Module:
         """The compiled forward of `name` ("tokenizer", "loss", "discriminator") where training.compile (and for the
