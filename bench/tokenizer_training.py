@@ -47,8 +47,9 @@ from bar_lightning.run import build_tokenizer_job, build_trainer
 from bar_lightning.stand_in_weights import write_stand_in_weights
 
 VARIANTS: dict[str, list[str]] = {
-    "eager": [],
-    "eager+unfused_adamw": ["optim.fused=false"],
+    # training.compile is on by default (conf/training/tokenizer.yaml), so the eager variants turn it off.
+    "eager": ["training.compile=false"],
+    "eager+unfused_adamw": ["training.compile=false", "optim.fused=false"],
     "compile": ["training.compile=true"],
     # cuDNN's autotuner for the fixed-shape convolutions (VGG16, ConvNeXt-S, the decoder's output conv), as the
     # official recipe sets torch.backends.cudnn.benchmark; train.py's default leaves it off (trainer.benchmark=null).
