@@ -7,7 +7,7 @@
 #                      tokenizer_profile_same_call | tokenizer_gan_and_levers | evaluation_50k | tokenizer_memory |
 #                      gpu_tests | gpu_tests_and_ours_profile LIMIT_S | evaluation_tests_and_ours_profile LIMIT_S |
 #                      official_profile PHASE | tokenizer_cuda_graphs LIMIT_S |
-#                      tokenizer_graphs_generator_same_call | tokenizer_graphs_gan_same_call
+#                      tokenizer_graphs_generator_same_call | tokenizer_graphs_gan_same_call | evaluation_peak_memory
 # Needs the wheels of ../shared/tools/device-wheels.sh in .whl (Hydra, webdataset, torch-fidelity); official_tokenizer
 # also the official requirements (transformers 4.56.1, timm, accelerate and theirs) there and the official code
 # exported to .upstream/bar (bench/official_tokenizer.py says how).
@@ -342,6 +342,17 @@ case "${1:-sampling}" in
     for phase in generator gan; do
       timeout 100 python3 official_tokenizer.py --phase $phase --eager --memory-snapshot \
         --out "$OUT/official_tokenizer_eager_${phase}_memory.json" 2>&1 | quiet | tail -25
+    done
+    ;;
+  evaluation_peak_memory)
+    # Plan item 3: evaluate.py's peak device memory (BAR-B fp32 with the BAR-FSQ decoder, batch 500, 5,000 samples,
+    # every metric) with overlap_decoding (the default) and without it (2026-12-06: ~90 s a run after ~30 s of imports).
+    cd bench
+    for overlap in true false; do
+      timeout 170 python3 evaluation.py --per-class 5 --batch 500 --evaluate-override overlap_decoding=$overlap \
+        --out "$OUT/evaluation_peak_memory_overlap_$overlap.json" 2>&1 | quiet | tail -3
+      python3 -c "import json, sys; row = json.load(open(sys.argv[1]))['rows'][0]; print(sys.argv[2], {k: row[k] for k in ('wall_s', 'peak_allocated_gib', 'peak_reserved_gib')})" \
+        "$OUT/evaluation_peak_memory_overlap_$overlap.json" "overlap_decoding=$overlap"
     done
     ;;
   official_tokenizer)
