@@ -73,9 +73,10 @@ def test_tiny_tokenizer_trains_with_cuda_graphs_as_compiled_without(tmp_path):
     # CUDA graphs: two G and two D steps (G and D alternate from step 0) end with the weights and losses of the
     # same compiled step without graphs, and no output is read after the next replay overwrote it (torch raises then).
     # Deterministic algorithms in both runs (trainer.deterministic: cuDNN's deterministic algorithms, and Inductor's
-    # deterministic fallbacks for its atomic-add kernels): without them the two runs differ by run-to-run noise, which the first AdamW updates amplify (an
-    # update is about lr * sign(gradient), whatever the gradient's size) and the D step's rounding of the fakes to the
-    # uint8 grid amplifies again; on 2026-12-07 that left train/logits_fake 1.9e-4 apart (relative) on an H100.
+    # deterministic fallbacks for its atomic-add kernels): without them the two runs differ by run-to-run noise, which
+    # the first AdamW updates amplify (an update is about lr * sign(gradient), whatever the gradient's size) and the D
+    # step's rounding of the fakes to the uint8 grid amplifies again; on 2026-12-07 that left train/logits_fake 1.9e-4
+    # apart (relative) on an H100.
     results = {}
     for mode in ("default", "reduce-overhead"):
         cfg = validate_train_config(compose_train(

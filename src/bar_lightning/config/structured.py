@@ -274,8 +274,8 @@ class TokenizerTrainingConfig:
     compile_discriminator: bool = MISSING
     # torch.compile mode of the tokenizer's and the losses' forward: "default", "reduce-overhead" (replayed as CUDA
     # graphs, one GPU: 8.4 ms and 2.8 GiB less per generator step on an H100, docs/benchmarks.md 5f; not the default
-    # until its GPU test, now deterministic, passes: 5g) or "max-autotune-no-cudagraphs". The
-    # discriminator keeps "default".
+    # until its GPU test, now deterministic, passes: 5g) or "max-autotune-no-cudagraphs". The discriminator keeps
+    # "default".
     compile_mode: str = MISSING
 
 
