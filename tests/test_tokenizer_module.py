@@ -307,6 +307,37 @@ def test_training_compile_mode_reaches_the_tokenizer_and_loss_but_not_the_discri
     assert module._cuda_graphs is graphs
 
 
+def test_automatic_compile_mode_replays_cuda_graphs_on_one_gpu_only(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    def resolved(overrides, strategy):
+        cfg = validate_train_config(compose_train(["experiment=tiny_tokenizer", *overrides], tmp_path))
+        module, _ = build_tokenizer_job(cfg)
+        module._trainer = SimpleNamespace(strategy=strategy, world_size=2)
+        try:
+            return module.training_compile_mode()
+        finally:
+            module._trainer = None
+
+    one_gpu = SingleDeviceStrategy(torch.device("cuda"))
+    ddp = DDPStrategy(parallel_devices=[torch.device("cuda", 0), torch.device("cuda", 1)])
+    assert resolved([], one_gpu) == "reduce-overhead"
+    assert resolved([], ddp) == "default"
+    assert resolved(["training.compile_mode=default"], one_gpu) == "default"
+    assert resolved(["training.compile_mode=max-autotune-no-cudagraphs"], ddp) == "max-autotune-no-cudagraphs"
+    # Automatic under DDP compiles without graphs instead of refusing the run, as an explicit reduce-overhead does.
+    cfg = validate_train_config(compose_train(["experiment=tiny_tokenizer", "training.compile=true"], tmp_path))
+    module, _ = build_tokenizer_job(cfg)
+    module._trainer = SimpleNamespace(strategy=ddp, world_size=2)
+    try:
+        module.on_fit_start()
+    finally:
+        module._trainer = None
+    assert module._compiled is not None and module._cuda_graphs is False
+
+
 def test_cuda_graph_mode_is_refused_beyond_one_gpu(tmp_path):
     from types import SimpleNamespace
 

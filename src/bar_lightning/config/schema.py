@@ -199,10 +199,10 @@ def validate_tokenizer_config(merged: DictConfig) -> None:
         raise ConfigError(f"training.gan_weight={training.gan_weight} needs a discriminator (discriminator=dino|patch)")
     if not 0.0 <= training.ema_decay < 1.0:
         raise ConfigError(f"training.ema_decay={training.ema_decay} must be in [0, 1)")
-    if training.compile_mode not in TRAINING_COMPILE_MODES:
+    if training.compile_mode is not None and training.compile_mode not in TRAINING_COMPILE_MODES:
         raise ConfigError(
-            f"training.compile_mode={training.compile_mode!r} is not offered for the tokenizer; use one of "
-            f"{TRAINING_COMPILE_MODES}"
+            f"training.compile_mode={training.compile_mode!r} is not offered for the tokenizer; use null (automatic) "
+            f"or one of {TRAINING_COMPILE_MODES}"
         )
     if merged.trainer.gradient_clip_val is not None:
         raise ConfigError(

@@ -272,11 +272,11 @@ class TokenizerTrainingConfig:
     # With `compile`, also torch.compile the discriminator (the official recipe compiles it, inside its loss module);
     # off until measured against the eager discriminator (bench/tokenizer_training.py, variant compile+discriminator).
     compile_discriminator: bool = MISSING
-    # torch.compile mode of the tokenizer's and the losses' forward: "default", "reduce-overhead" (replayed as CUDA
-    # graphs, one GPU: 8.4 ms and 2.8 GiB less per generator step on an H100, docs/benchmarks.md 5f; not the default
-    # until its GPU test, now deterministic, passes: 5g) or "max-autotune-no-cudagraphs". The discriminator keeps
-    # "default".
-    compile_mode: str = MISSING
+    # torch.compile mode of the tokenizer's and the losses' forward: null (automatic: "reduce-overhead" on one GPU,
+    # "default" under DDP), "default", "reduce-overhead" (replayed as CUDA graphs, one GPU only: 8.4 ms and 2.8 GiB
+    # less per generator step on an H100, docs/benchmarks.md 5f; its GPU test: 5h) or "max-autotune-no-cudagraphs".
+    # The discriminator keeps "default".
+    compile_mode: str | None = MISSING
 
 
 @dataclass

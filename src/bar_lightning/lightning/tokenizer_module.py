@@ -81,8 +81,7 @@ class TokenizerModule(L.LightningModule):
         strategy = self.trainer.strategy
         wanted = bool(self.hparams.training.get("compile", False))
         if wanted and strategy.root_device.type == "cuda" and not isinstance(strategy, FSDPStrategy):
-            # Checkpoints written before training.compile_mode existed hold no such key.
-            mode = self.hparams.training.get("compile_mode") or "default"
+            mode = self.training_compile_mode()
             cuda_graphs = compiles_with_cuda_graphs(mode, None)
             if cuda_graphs and not isinstance(strategy, SingleDeviceStrategy):
                 # Measured and tested on one GPU only; DDP's gradient hooks around replayed backward graphs are not.
@@ -99,6 +98,17 @@ class TokenizerModule(L.LightningModule):
                 compiled["discriminator"] = torch.compile(self.discriminator)
             object.__setattr__(self, "_compiled", compiled)
             object.__setattr__(self, "_cuda_graphs", cuda_graphs)
+
+    def training_compile_mode(self) -> str:
+        """`training.compile_mode`, with None (automatic) resolved for this run: CUDA graphs ("reduce-overhead") on
+        one device, "default" under DDP, where replayed backward graphs are not measured or tested."""
+        # Checkpoints written before training.compile_mode existed hold no such key: automatic as well.
+        mode = self.hparams.training.get("compile_mode")
+        if mode is not None:
+            return mode
+        from lightning.pytorch.strategies import SingleDeviceStrategy
+
+        return "reduce-overhead" if isinstance(self.trainer.strategy, SingleDeviceStrategy) else "default"
 
     def _forward(self, name: str) -> nn.Module:
         """The compiled forward of `name` ("tokenizer", "loss", "discriminator") where training.compile (and for the
