@@ -145,6 +145,7 @@ def test_conv_tokenizer_rejects_bad_input_and_starts_with_balanced_bits():
         (["trainer.gradient_clip_val=1.0"], "manual optimisation"),
         (["data.crop_size=32"], "does not match model.image_size=16"),
         (["training.compile_mode=fastest"], r"training\.compile_mode='fastest' is not offered for the tokenizer"),
+        (["trainer.accumulate_grad_batches=2"], r"trainer\.accumulate_grad_batches=2 is not supported for the tokenizer"),
     ],
 )
 def test_invalid_tokenizer_configs_name_the_key(overrides, message):

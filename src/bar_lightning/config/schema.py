@@ -209,6 +209,13 @@ def validate_tokenizer_config(merged: DictConfig) -> None:
             "trainer.gradient_clip_val must be null for the tokenizer (manual optimisation clips each optimiser "
             "itself); set training.gradient_clip_val instead"
         )
+    if merged.trainer.accumulate_grad_batches != 1:
+        # Lightning refuses it at fit start, after the full-size networks are built; say so before any work.
+        raise ConfigError(
+            f"trainer.accumulate_grad_batches={merged.trainer.accumulate_grad_batches} is not supported for the "
+            "tokenizer: it alternates G and D steps with manual optimisation, which Lightning does not accumulate; "
+            "keep it at 1 and raise data.batch_size or the number of GPUs for a larger batch"
+        )
     if "fsdp" in str(merged.trainer.strategy).lower():
         raise ConfigError(
             "trainer=fsdp is not supported for the tokenizer: it uses manual optimisation with two optimisers, "
