@@ -19,6 +19,9 @@ export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 BAR_PROGRESS=0 TORCHINDU
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
 quiet() { grep -v -i -e warn -e "^ *return F" -e "^ *warnings" ; }
+# Every limit below ends in SIGKILL 10 s after its SIGTERM: Lightning's trainer catches SIGTERM and stops only at the
+# end of its step; a run stopped mid-compilation (2026-12-07, item 12) ran past its limit to the call's, most likely so.
+timeout() { command timeout -k 10 "$@"; }
 # GPU test files under a time limit, the whole log kept in $OUT (a failure's traceback; pytest's log capture once
 # filled the reply's tail), its last lines printed: gpu_tests_to_log LIMIT_S FILE...
 gpu_tests_to_log() {
