@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import FSDPStrategy
 from torch.optim.lr_scheduler import LambdaLR
 
 from bar_lightning.config.schema import compiles_with_cuda_graphs, inductor_options
@@ -19,6 +19,7 @@ from bar_lightning.lightning.optimization import (
     random_order_ratio,
     warmup_cosine,
 )
+from bar_lightning.lightning.strategies import automatic_compile_mode
 from bar_lightning.models.bar import NULL_LABEL, BARGenerator
 from bar_lightning.models.sampler import SamplingSettings
 
@@ -82,8 +83,8 @@ class GeneratorModule(L.LightningModule):
         if inductor_options(training.get("compile_options")) or self._trainer is None:
             return "default"
         # A replay reuses its output memory, so gradients of one micro-batch would be overwritten by the next.
-        one_device = isinstance(self.trainer.strategy, SingleDeviceStrategy)
-        return "reduce-overhead" if one_device and self.trainer.accumulate_grad_batches == 1 else "default"
+        return automatic_compile_mode(self.trainer.strategy,
+                                      cuda_graphs_allowed=self.trainer.accumulate_grad_batches == 1)
 
     def align_head_matmuls(self, device: torch.device) -> bool:
         """`training.align_head_matmuls`, with None resolved: on for CUDA devices."""

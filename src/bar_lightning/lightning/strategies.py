@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import nn
 
 from bar_lightning.models.bar_blocks import Block
@@ -14,6 +15,13 @@ from bar_lightning.models.mbm_head import MaskBitModelingHead
 # look for unused ones. The tokenizer's G steps leave the discriminator without gradients and its D steps leave
 # the autoencoder without them, so it needs the search (one graph traversal per step); the generator does not.
 TOKENIZER_DDP_STRATEGY = "ddp_find_unused_parameters_true"
+
+
+def automatic_compile_mode(strategy: Any, cuda_graphs_allowed: bool = True) -> str:
+    """The torch.compile mode that `training.compile_mode: null` resolves to under `strategy`: CUDA graphs
+    ("reduce-overhead") on one device, where they are measured and tested; "default" under a multi-process strategy
+    (DDP's gradient hooks around replayed backward graphs are neither), or where the caller rules graphs out."""
+    return "reduce-overhead" if cuda_graphs_allowed and isinstance(strategy, SingleDeviceStrategy) else "default"
 
 
 def generator_block_wrap_policy() -> set[type[nn.Module]]:

@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 import torchvision
+from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -21,6 +22,7 @@ from bar_lightning.lightning.optimization import (
     upstream_no_decay,
     warmup_cosine,
 )
+from bar_lightning.lightning.strategies import automatic_compile_mode
 from bar_lightning.models.losses import (
     TokenizerReconstructionLoss,
     generator_adversarial_loss,
@@ -76,8 +78,6 @@ class TokenizerModule(L.LightningModule):
         object.__setattr__(self, "_cuda_graphs", False)
 
     def on_fit_start(self) -> None:
-        from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
-
         strategy = self.trainer.strategy
         wanted = bool(self.hparams.training.get("compile", False))
         if wanted and strategy.root_device.type == "cuda" and not isinstance(strategy, FSDPStrategy):
@@ -104,11 +104,7 @@ class TokenizerModule(L.LightningModule):
         one device, "default" under DDP, where replayed backward graphs are not measured or tested."""
         # Checkpoints written before training.compile_mode existed hold no such key: automatic as well.
         mode = self.hparams.training.get("compile_mode")
-        if mode is not None:
-            return mode
-        from lightning.pytorch.strategies import SingleDeviceStrategy
-
-        return "reduce-overhead" if isinstance(self.trainer.strategy, SingleDeviceStrategy) else "default"
+        return mode if mode is not None else automatic_compile_mode(self.trainer.strategy)
 
     def _forward(self, name: str) -> nn.Module:
         """The compiled forward of `name` ("tokenizer", "loss", "discriminator") where training.compile (and for the
