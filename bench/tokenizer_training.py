@@ -46,18 +46,18 @@ from common import (
 from bar_lightning.run import build_tokenizer_job, build_trainer
 from bar_lightning.stand_in_weights import write_stand_in_weights
 
+# training.compile_mode is automatic (CUDA graphs on one GPU), so the compiled variants without graphs name default.
+COMPILED_WITHOUT_GRAPHS = ["training.compile=true", "training.compile_mode=default"]
 VARIANTS: dict[str, list[str]] = {
     # training.compile is on by default (conf/training/tokenizer.yaml), so the eager variants turn it off.
     "eager": ["training.compile=false"],
     "eager+unfused_adamw": ["training.compile=false", "optim.fused=false"],
-    # training.compile_mode is automatic (CUDA graphs on one GPU), so the plain compiled variants name default.
-    "compile": ["training.compile=true", "training.compile_mode=default"],
+    "compile": COMPILED_WITHOUT_GRAPHS,
     # cuDNN's autotuner for the fixed-shape convolutions (VGG16, ConvNeXt-S, the decoder's output conv), as the
     # official recipe sets torch.backends.cudnn.benchmark; train.py's default leaves it off (trainer.benchmark=null).
-    "compile+cudnn_benchmark": ["training.compile=true", "training.compile_mode=default", "trainer.benchmark=true"],
+    "compile+cudnn_benchmark": [*COMPILED_WITHOUT_GRAPHS, "trainer.benchmark=true"],
     # The discriminator compiled as well (the official recipe compiles it inside its loss module); G/D phase.
-    "compile+discriminator": ["training.compile=true", "training.compile_mode=default",
-                              "training.compile_discriminator=true"],
+    "compile+discriminator": [*COMPILED_WITHOUT_GRAPHS, "training.compile_discriminator=true"],
     # The tokenizer's and the loss's compiled forwards and backwards replayed as CUDA graphs: the lever for the
     # device's idle time between kernels (28.5 of 202.8 ms per step in the profile of docs/benchmarks.md, 5e).
     "compile+cuda_graphs": ["training.compile=true", "training.compile_mode=reduce-overhead"],
