@@ -328,6 +328,16 @@ def test_automatic_compile_mode_replays_cuda_graphs_on_one_gpu_only(tmp_path):
     assert resolved([], ddp) == "default"
     assert resolved(["training.compile_mode=default"], one_gpu) == "default"
     assert resolved(["training.compile_mode=max-autotune-no-cudagraphs"], ddp) == "max-autotune-no-cudagraphs"
+    # A checkpoint written before training.compile_mode existed holds no such key: automatic as well.
+    cfg = validate_train_config(compose_train(["experiment=tiny_tokenizer"], tmp_path))
+    module, _ = build_tokenizer_job(cfg)
+    del module.hparams.training["compile_mode"]
+    assert "compile_mode" not in module.hparams.training
+    module._trainer = SimpleNamespace(strategy=one_gpu, world_size=1)
+    try:
+        assert module.training_compile_mode() == "reduce-overhead"
+    finally:
+        module._trainer = None
     # Automatic under DDP compiles without graphs instead of refusing the run, as an explicit reduce-overhead does.
     cfg = validate_train_config(compose_train(["experiment=tiny_tokenizer", "training.compile=true"], tmp_path))
     module, _ = build_tokenizer_job(cfg)
