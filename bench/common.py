@@ -204,27 +204,59 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+class StreamClock:
+    """Timestamps of points in the device's work, taken without making the host wait: on CUDA each `mark()` records
+    an event on the current stream (its time is when the GPU reaches it, idle gaps included); on the CPU it reads
+    the clock. `seconds_between()` synchronises once and returns the gaps between consecutive marks.
+
+    The steps of a training loop timed this way run as in a real run: a bench that synchronised at every step
+    boundary would itself stop the host from queueing the next step while the GPU runs this one, and charge the host's
+    loop between steps to every step of a code that never waits for the GPU."""
+
+    def __init__(self) -> None:
+        self.cuda = torch.cuda.is_available()
+        self.marks: list[Any] = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds_between(self) -> list[float]:
+        if self.cuda:
+            synchronize()
+            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
 class TimedBatches:
-    """A loader for an official training loop: `count` batches made by `batch(index)`, the clock read (after a
-    device synchronisation) at each take and once after the last, so `times` brackets every step the loop runs.
-    With `profile_from`, the `profile_batches` steps from that batch on are recorded by torch.profiler (`table`);
-    `on_take(index)` is called at each take, after the clock (and with `count` after the last step)."""
+    """A loader for an official training loop: `count` batches made by `batch(index)`, a `StreamClock` mark at each
+    take and once after the last, so `durations()` brackets every step the loop runs (without synchronising the
+    device in between: the loop's own waits are the only ones). With `profile_from`, the `profile_batches` steps from
+    that batch on are recorded by torch.profiler (`table`); `on_take(index)` is called at each take, after the mark
+    (and with `count` after the last step)."""
 
     def __init__(self, batch: Callable[[int], Any], count: int, profile_from: int | None = None,
                  profile_batches: int = 2, on_take: Callable[[int], None] | None = None) -> None:
         self.batch, self.count, self.on_take = batch, count, on_take
         self.profile_from, self.profile_batches = profile_from, profile_batches
-        self.times: list[float] = []
+        self.clock = StreamClock()
         self.table: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return self.count
 
+    def durations(self) -> list[float]:
+        """Seconds of each step taken (synchronises once)."""
+        return self.clock.seconds_between()
+
     def __iter__(self):
         profiler = None
         for index in range(self.count + 1):
-            synchronize()
-            self.times.append(time.perf_counter())
+            self.clock.mark()
             if profiler is not None and index == self.profile_from + self.profile_batches:
                 self.table = finish_profiler(profiler, self.profile_batches)
                 profiler = None
@@ -238,19 +270,31 @@ class TimedBatches:
 
 
 class StepTimer(L.Callback):
-    """Wall time of every training batch, synchronised at both ends."""
+    """Duration of every training batch, from a `StreamClock` mark at each batch start to the next (the last one to
+    its end): the device's time per step, the host's loop between steps included where the device waited for it,
+    with no synchronisation added to the steps."""
 
     def __init__(self) -> None:
-        self.durations: list[float] = []
-        self._start = 0.0
+        self.clock = StreamClock()
+        self._last_end: Any = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
-        synchronize()
-        self._start = time.perf_counter()
+        self.clock.mark()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        synchronize()
-        self.durations.append(time.perf_counter() - self._start)
+        self._last_end = StreamClock()
+        self._last_end.mark()
+
+    @property
+    def durations(self) -> list[float]:
+        """Seconds of each batch (synchronises once); read after the fit."""
+        if self._last_end is None:
+            return []
+        self.clock.marks.append(self._last_end.marks[0])
+        try:
+            return self.clock.seconds_between()
+        finally:
+            self.clock.marks.pop()
 
 
 def time_calls(call: Callable[[int], Any], *, warmup: int, timed: int) -> list[float]:

@@ -7,7 +7,8 @@
 #                      tokenizer_profile_same_call | tokenizer_gan_and_levers | evaluation_50k | tokenizer_memory |
 #                      gpu_tests | gpu_tests_and_ours_profile LIMIT_S | evaluation_tests_and_ours_profile LIMIT_S |
 #                      official_profile PHASE | tokenizer_cuda_graphs LIMIT_S |
-#                      tokenizer_graphs_generator_same_call | tokenizer_graphs_gan_same_call | evaluation_peak_memory
+#                      tokenizer_graphs_generator_same_call | tokenizer_graphs_gan_same_call | evaluation_peak_memory |
+#                      sync_free_tests_and_ours LIMIT_S | default_generator_same_call | default_gan_same_call
 # Needs the wheels of ../shared/tools/device-wheels.sh in .whl (Hydra, webdataset, torch-fidelity); official_tokenizer
 # also the official requirements (transformers 4.56.1, timm, accelerate and theirs) there and the official code
 # exported to .upstream/bar (bench/official_tokenizer.py says how).
@@ -311,6 +312,43 @@ case "${1:-sampling}" in
       --out "$OUT/tokenizer_training_cuda_graphs_gan_same_call.json" 2>&1 | quiet | tail -3
     echo "ours G/D phase done at ${SECONDS} s"
     timeout $((585 - SECONDS)) python3 official_tokenizer.py --phase gan --out "$OUT/official_tokenizer_compiled_gan_graphs_call.json" \
+      2>&1 | quiet | tail -2
+    echo "official G/D phase done at ${SECONDS} s"
+    ;;
+  sync_free_tests_and_ours)
+    # The steps without a host-device wait (host numbers logged as device tensors, the EMA's count read from the
+    # device once, the bar's metrics read at most every second) and the bench timed by stream events instead of a
+    # synchronisation per step. The GPU tests of both modules (their steady-state steps under
+    # torch.cuda.set_sync_debug_mode("error"); the compile-mode rule of 1d5ec7f), then ours' generator phase as
+    # train.py runs it by default (compiled, CUDA graphs on one GPU; ~215 s from a cold cache) in the seconds left
+    # of ${2} (the call's limit).
+    gpu_tests_to_log 330 tests/test_gpu_tokenizer.py tests/test_gpu_training.py
+    cd bench
+    timeout $((${2:-590} - 8 - SECONDS)) python3 tokenizer_training.py --phases generator --variants default \
+      --out "$OUT/tokenizer_training_default_generator.json" 2>&1 | quiet | tail -3
+    echo "ours generator phase done at ${SECONDS} s"
+    ;;
+  default_generator_same_call)
+    # After sync_free_tests_and_ours on the same warm machine (ours' graphs cached, ~75 s; up to ~250 s if that call's
+    # limit cut ours' compilation short): ours' default generator phase with its kernel profile of two steps after
+    # the timed ones, then the official compiled generator phase with the time left (cold cache for it: 240-354 s to
+    # its first timed step on 2026-12-07), one call, both timed by stream events.
+    cd bench
+    timeout 250 python3 tokenizer_training.py --phases generator --variants default --profile \
+      --out "$OUT/tokenizer_training_default_generator_same_call.json" 2>&1 | quiet | tail -32
+    echo "ours generator phase done at ${SECONDS} s"
+    timeout $((588 - SECONDS)) python3 official_tokenizer.py --phase generator \
+      --out "$OUT/official_tokenizer_compiled_generator_events.json" 2>&1 | quiet | tail -2
+    echo "official generator phase done at ${SECONDS} s"
+    ;;
+  default_gan_same_call)
+    # After default_generator_same_call (autoencoder graphs of both codes cached): ours' default G/D phase (~130 s),
+    # then the official compiled G/D phase (~205 s), one call, both timed by stream events.
+    cd bench
+    timeout 230 python3 tokenizer_training.py --phases gan --variants default \
+      --out "$OUT/tokenizer_training_default_gan_same_call.json" 2>&1 | quiet | tail -3
+    echo "ours G/D phase done at ${SECONDS} s"
+    timeout $((588 - SECONDS)) python3 official_tokenizer.py --phase gan --out "$OUT/official_tokenizer_compiled_gan_events.json" \
       2>&1 | quiet | tail -2
     echo "official G/D phase done at ${SECONDS} s"
     ;;

@@ -14,8 +14,10 @@ bench/training.py's synthetic tokens; the tokenizer is not built (the pretokeniz
 weights are made dense and random (norm weights near 1), as bench/common.py's `randomise_` does for ours: the
 official initialisation zeroes the adaLN modulations, and timing on zeros flatters the matrix units.
 
-Timing: every batch taken from the loader synchronises the GPU and records the time; the step time is the median
-difference of consecutive takes after `--warmup` steps (which include the compilation).
+Timing: every batch taken from the loader records a CUDA event on the current stream (common.StreamClock: no
+synchronisation between steps, so the loop's own host reads are the only waits); the step time is the median
+difference of consecutive takes after `--warmup` steps (which include the compilation). Rows recorded before
+2026-12-07's sixth session synchronised the GPU at every take instead.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     final_step = generator_train_one_epoch(config, logger, accelerator, model, None, loss_module, optimizer,
                                            lr_scheduler, batches, None, None, None, 0)
     wall = time.perf_counter() - start
-    durations = [b - a for a, b in zip(batches.times, batches.times[1:])]
+    durations = batches.durations()
     step = statistics.median(durations[args.warmup:])
     return {
         "code": "official", "config": args.config, "compiled": bool(config.training.compile_model),

@@ -18,6 +18,11 @@ train.py sets it and as the official recipe enables TF32); `--profile` records t
 after the timed ones (torch.profiler, by kernel family), `--memory-snapshot` what is alive at the peak of two more
 (bench/memory_snapshot.py). On CPU: `--experiment tiny_tokenizer --batch 4` as a smoke
 test.
+
+Timing: common.StepTimer records a CUDA event at every batch start (no synchronisation between steps, as in a
+real run, where the host queues the next step while the GPU runs this one); a step is the time from its start event
+to the next. Rows recorded before 2026-12-07's sixth session synchronised the GPU at both ends of every step, which
+charged the host's loop between steps to each step.
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ VARIANTS: dict[str, list[str]] = {
     # The tokenizer's and the loss's compiled forwards and backwards replayed as CUDA graphs: the lever for the
     # device's idle time between kernels (28.5 of 202.8 ms per step in the profile of docs/benchmarks.md, 5e).
     "compile+cuda_graphs": ["training.compile=true", "training.compile_mode=reduce-overhead"],
+    # train.py's defaults, nothing overridden: compiled, training.compile_mode automatic (CUDA graphs on one GPU).
+    "default": [],
 }
 
 
@@ -123,6 +130,7 @@ def run_variant(phase: str, name: str, args: argparse.Namespace) -> dict[str, An
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "generator_step_gflop_per_image": flops / 1e9, "first_steps_s": sum(timer.durations[:args.warmup]),
         "wall_s": wall, "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "timing": "stream events at batch starts",
     }
     # MFU of the autoencoder step (the D step is cheaper: the tokenizer runs forward only, without gradients).
     if phase == "generator":

@@ -4,8 +4,9 @@
 
 Each variant builds the LightningModule and the Trainer exactly as train.py does (bf16 autocast, AdamW (fused on
 CUDA), gradient clipping 1.0, random generation orders, class dropout) on synthetic tokens, runs `--warmup` steps
-(compilation included) and then `--timed` steps; a callback synchronises and times every optimiser step; the
-median is reported. Peak memory is torch's max allocated (the caching allocator reserves a little more).
+(compilation included) and then `--timed` steps; a callback times every optimiser step with CUDA events at the batch
+starts (common.StepTimer: no synchronisation between steps, as in a real run; rows before 2026-12-07's sixth
+session synchronised at both ends of every step); the median is reported. Peak memory is torch's max allocated (the caching allocator reserves a little more).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -96,3 +97,44 @@ def generator_of_tiny_tokenizer(tmp_path_factory) -> Path:
     (evaluation and the sampler page)."""
     return train_tiny(tmp_path_factory.mktemp("gen6"), "experiment=tiny_generator", "model.bits_per_token=6",
                       "sampling.tokens_allocation=[2,2,2]", "trainer.max_steps=2", "data.val_num_samples=0")
+
+
+def record_logged_values(module) -> list[tuple[str, object]]:
+    """Wrap `module.log` to record every (name, value) handed to it, then log as before. A training step that logs a
+    host number makes Lightning copy it to the device with a blocking copy (a stream synchronisation on a GPU)."""
+    logged: list[tuple[str, object]] = []
+    original = module.log
+
+    def log(name, value, *args, **kwargs):
+        logged.append((name, value))
+        return original(name, value, *args, **kwargs)
+
+    module.log = log
+    return logged
+
+
+
+class ForbidHostSyncs(L.Callback):
+    """Turns on torch's CUDA sync debug mode in "error" from the start of batch `first` to the start of batch `last`:
+    any operation in between that makes the host wait for the GPU (`.item()`, a blocking copy, a stream
+    synchronisation) raises, naming itself in the traceback. The window holds whole training steps and everything
+    Lightning does between them (hooks, logging, fetching and moving the next batch)."""
+
+    def __init__(self, first: int, last: int) -> None:
+        self.first, self.last = first, last
+        self.checked_batches: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        if batch_idx == self.first:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        elif batch_idx == self.last:
+            torch.cuda.set_sync_debug_mode("default")
+        if self.first <= batch_idx < self.last:
+            self.checked_batches.append(batch_idx)
+
+    def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        torch.cuda.set_sync_debug_mode("default")
+
+    def on_exception(self, trainer, pl_module, exception) -> None:  # noqa: ANN001
+        torch.cuda.set_sync_debug_mode("default")

@@ -19,6 +19,7 @@ from bar_lightning.lightning.optimization import (
 from bar_lightning.models.bar import BARGenerator
 from bar_lightning.run import build_generator_job, build_trainer
 
+from .conftest import record_logged_values
 from .test_configs import compose_train
 
 
@@ -71,8 +72,17 @@ def tiny_fit(tmp_path_factory):
     module, datamodule = build_generator_job(cfg)
     trainer = build_trainer(cfg)
     initial = {key: value.clone() for key, value in module.state_dict().items()}
+    module.logged_values = record_logged_values(module)
     trainer.fit(module, datamodule=datamodule)
     return cfg, module, datamodule, trainer, initial, output_dir
+
+
+def test_training_logs_only_device_tensors(tiny_fit):
+    # A host number handed to self.log is copied to the GPU with a blocking copy: one host-device sync per step.
+    module = tiny_fit[1]
+    names = {name for name, _ in module.logged_values}
+    assert {"train/loss", "train/lr", "train/random_ratio", "train/samples_per_second"} <= names
+    assert [name for name, value in module.logged_values if not isinstance(value, torch.Tensor)] == []
 
 
 def test_tiny_generator_learns_the_class_conditional_bits(tiny_fit):

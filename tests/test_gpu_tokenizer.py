@@ -1,18 +1,22 @@
 """The BAR-FSQ tokenizer on a GPU: the golden fixture's bits and decoding as on the CPU, and one generator step and
-one discriminator step of the full-size training module (random stand-ins for its pretrained networks), and the
-tiny tokenizer trained with CUDA graphs (training.compile_mode=reduce-overhead) as without.
+one discriminator step of the full-size training module (random stand-ins for its pretrained networks), the
+tiny tokenizer trained with CUDA graphs (training.compile_mode=reduce-overhead) as without, and its training steps
+never making the host wait for the GPU.
 
 Skipped without a GPU; bench/h200.sh runs it.
 """
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 
 from bar_lightning.config.schema import validate_train_config
+from bar_lightning.run import build_tokenizer_job, build_trainer
 from bar_lightning.stand_in_weights import write_stand_in_weights
 
+from .conftest import ForbidHostSyncs
 from .test_configs import compose_train
 from .test_parity_tokenizer import c2_sizes, load_tokenizer, max_error, read_fixture
 from .test_tokenizer_module import fit_recording_steps
@@ -100,3 +104,29 @@ def test_tiny_tokenizer_trains_with_cuda_graphs_as_compiled_without(tmp_path):
     differences.update({key: float((graph_weights[key] - value).abs().max()) for key, value in weights.items()
                         if not torch.allclose(graph_weights[key], value, rtol=1e-4, atol=1e-5)})
     assert not differences, differences
+
+
+@pytest.mark.parametrize("compile_setting", [["training.compile=false"], ["training.compile=true"]],
+                         ids=["eager", "compiled_automatic"])
+def test_tiny_tokenizer_steps_never_wait_for_the_gpu(tmp_path, compile_setting):
+    # Five G/D steps in the steady state (after the compilation and the CUDA-graph recordings of the first ten), with
+    # the GPU trainer's defaults (bf16-mixed, fused AdamW), the tokenizer callbacks, a CSV logger and gradient
+    # clipping: nothing from the start of step 10 to the start of step 15 may make the host wait for the device
+    # (torch.cuda.set_sync_debug_mode("error") raises at the first such operation). A wait per step leaves the GPU
+    # idle while the host runs Lightning's loop and fetches the next batch.
+    cfg = validate_train_config(compose_train(
+        ["experiment=tiny_tokenizer", "trainer=gpu", "training.discriminator_start=0", "trainer.max_steps=16",
+         "training.gradient_clip_val=1.0", "trainer.log_every_n_steps=50", "trainer.num_sanity_val_steps=0",
+         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger=csv", "data.num_workers=2",
+         "data.pin_memory=true", *compile_setting],
+        tmp_path,
+    ))
+    forbid = ForbidHostSyncs(first=10, last=15)
+    L.seed_everything(0)
+    module, datamodule = build_tokenizer_job(cfg)
+    trainer = build_trainer(cfg)
+    trainer.callbacks.append(forbid)
+    trainer.fit(module, datamodule=datamodule)
+    assert forbid.checked_batches == [10, 11, 12, 13, 14]
+    assert trainer.global_step == 16 and int(module.ema.num_updates) == 16
+    assert torch.isfinite(trainer.callback_metrics["train/loss"]) and torch.isfinite(trainer.callback_metrics["train/d_loss"])

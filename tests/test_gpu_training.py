@@ -14,6 +14,7 @@ import torch
 from bar_lightning.config.schema import validate_train_config
 from bar_lightning.run import build_generator_job, build_trainer
 
+from .conftest import ForbidHostSyncs
 from .test_configs import compose_train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -84,3 +85,25 @@ def test_cuda_graph_training_steps_match_the_compiled_and_eager_steps(tmp_path):
         torch.testing.assert_close(graphs[key], eager[key], rtol=1e-4, atol=1e-5, msg=f"{key}: graphs vs eager")
         moved += int(not torch.equal(graphs[key], start))
     assert moved > len(graphs) // 2  # the updates reached the weights
+
+
+@pytest.mark.parametrize("compile_setting", ["false", "true"], ids=["eager", "compiled_automatic"])
+def test_tiny_generator_steps_never_wait_for_the_gpu(tmp_path, compile_setting):
+    # Five steps in the steady state (after the compilation and the CUDA-graph recording of the first ten), with the
+    # GPU trainer's defaults (bf16-mixed, fused AdamW, gradient clipping), the default callbacks and a CSV logger:
+    # nothing in them may make the host wait for the device (torch.cuda.set_sync_debug_mode("error") raises at the
+    # first such operation).
+    cfg = validate_train_config(compose_train(
+        ["experiment=tiny_generator", "trainer=gpu", "trainer.max_steps=16", "trainer.gradient_clip_val=1.0",
+         "trainer.log_every_n_steps=50", "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
+         "trainer.enable_model_summary=false", "logger=csv", "data.num_workers=2", f"training.compile={compile_setting}"],
+        tmp_path,
+    ))
+    forbid = ForbidHostSyncs(first=10, last=15)
+    L.seed_everything(0)
+    module, datamodule = build_generator_job(cfg)
+    trainer = build_trainer(cfg)
+    trainer.callbacks.append(forbid)
+    trainer.fit(module, datamodule=datamodule)
+    assert forbid.checked_batches == [10, 11, 12, 13, 14]
+    assert trainer.global_step == 16 and torch.isfinite(trainer.callback_metrics["train/loss"])

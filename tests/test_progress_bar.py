@@ -64,6 +64,38 @@ def test_an_epoch_based_run_keeps_the_epoch_count(tmp_path):
     assert titles == ["Epoch 0/1", "Epoch 0/1", "Epoch 1/1", "Epoch 1/1"]
 
 
+class MetricReads(L.Callback):
+    """Counts the bar's metric reads after each training batch (each a host read of the logged device tensors)."""
+
+    def __init__(self, bar: StepProgressBar) -> None:
+        self.reads_in_batch_end: list[int] = []
+        original = bar.get_metrics
+
+        def get_metrics(*args, **kwargs):
+            if bar._in_train_batch_end:
+                self.reads_in_batch_end[-1] += 1
+            return original(*args, **kwargs)
+
+        bar.get_metrics = get_metrics
+
+    def on_train_batch_start(self, *args, **kwargs) -> None:
+        self.reads_in_batch_end.append(0)
+
+
+@pytest.mark.parametrize(("refresh_seconds", "expected"), [(1.0, [1, 0, 0, 1, 0, 0, 1]), (0.0, [1] * 7)])
+def test_the_bar_reads_the_training_metrics_at_most_every_refresh_interval(tmp_path, refresh_seconds, expected):
+    # The clock advances 0.4 s per read of it: with a 1 s interval the metrics are read after batches 1, 4 and 7.
+    clock = partial(next, itertools.count(0.0, 0.4))
+    bar = StepProgressBar(metrics_refresh_seconds=refresh_seconds, clock=clock)
+    reads = MetricReads(bar)
+    trainer = L.Trainer(default_root_dir=tmp_path, accelerator="cpu", callbacks=[reads, bar], logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, max_steps=7, limit_val_batches=0)
+    trainer.fit(BoringModel())
+    assert reads.reads_in_batch_end == expected
+    with pytest.raises(ValueError, match="metrics_refresh_seconds=-1"):
+        StepProgressBar(metrics_refresh_seconds=-1)
+
+
 # ----------------------------------------------------------------------------- ProgressLog
 
 

@@ -18,6 +18,7 @@ from bar_lightning.lightning.tokenizer_module import TokenizerModule, bit_entrop
 from bar_lightning.models.conv_tokenizer import ConvFSQTokenizer
 from bar_lightning.run import build_tokenizer_job, build_trainer
 
+from .conftest import record_logged_values
 from .test_configs import compose_train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +70,7 @@ def tiny_tokenizer_fit(tmp_path_factory):
     trainer = build_trainer(cfg)
     trainer.callbacks.append(recorder)
     initial = {key: value.clone() for key, value in module.tokenizer.state_dict().items()}
+    module.logged_values = record_logged_values(module)
     trainer.fit(module, datamodule=datamodule)
     return cfg, module, trainer, recorder, initial, output_dir
 
@@ -89,6 +91,53 @@ def test_tiny_tokenizer_learns_and_uses_its_bits(tiny_tokenizer_fit):
     assert float(metrics["val/psnr"]) > 11.0  # a blank (all-zero) reconstruction of these images gives ~7 dB
     assert float(metrics["val/bit_entropy"]) > 0.5  # bits are used, not stuck at one value
     assert any(not torch.equal(initial[k], v) for k, v in module.tokenizer.state_dict().items())
+
+
+def test_training_logs_only_device_tensors(tiny_tokenizer_fit):
+    # A host number handed to self.log is copied to the GPU with a blocking copy: one host-device sync per step.
+    module = tiny_tokenizer_fit[1]
+    names = {name for name, _ in module.logged_values}
+    assert {"train/loss", "train/d_loss", "train/lr", "train/generator_step"} <= names
+    assert [name for name, value in module.logged_values if not isinstance(value, torch.Tensor)] == []
+    lr = [float(value) for name, value in module.logged_values if name == "train/lr"]
+    assert lr[-1] > 0 and all(value.device.type == module.device.type for _, value in module.logged_values)
+
+
+def count_host_reads(function, *args):
+    """`function(*args)` and the number of tensor-to-host-number reads (`.item()`, `int(t)`, ...) it made: on a GPU
+    each waits for the device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountReads(TorchDispatchMode):
+        reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                CountReads.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    with CountReads():
+        result = function(*args)
+    return result, CountReads.reads
+
+
+def test_ema_reads_its_update_count_from_the_device_once():
+    model = nn.Linear(2, 1)
+    ema = EMA(model, decay=0.999)
+    reads = [count_host_reads(ema.update, model)[1] for _ in range(4)]
+    assert reads == [1, 0, 0, 0]  # the first update reads the buffer, then the host copy counts
+    assert int(ema.num_updates) == 4
+    # A loaded count replaces the host copy: the next update continues from it, reading it once.
+    state = ema.state_dict()
+    state["num_updates"] = torch.tensor(20)
+    ema.load_state_dict(state)
+    decay, reads = count_host_reads(ema.update, model)
+    assert (decay, reads, int(ema.num_updates)) == (ema_decay(21, 0.999), 1, 21)
+    assert count_host_reads(ema.update, model)[1] == 0 and int(ema.num_updates) == 22
+    # A fresh EMA loading a checkpoint's state (resume) continues its count too.
+    resumed = EMA(model, decay=0.999)
+    resumed.load_state_dict(ema.state_dict())
+    assert resumed.update(model) == ema_decay(23, 0.999) and int(resumed.num_updates) == 23
 
 
 def test_ema_weights_follow_the_official_recurrence():

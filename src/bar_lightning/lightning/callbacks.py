@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.strategies import FSDPStrategy
 
 from bar_lightning.console import format_learning_rate, is_learning_rate_metric
+from bar_lightning.lightning.step_logging import log_number
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +218,9 @@ class GlobalBatchMonitor(L.Callback):
             return
         now = time.perf_counter()
         samples = (step - self._last_step) * self.global_batch_size
-        pl_module.log("train/samples_seen", float(step * self.global_batch_size), rank_zero_only=True)
-        pl_module.log("train/samples_per_second", samples / max(now - self._last_time, 1e-9), rank_zero_only=True)
+        log_number(pl_module, "train/samples_seen", step * self.global_batch_size, rank_zero_only=True)
+        log_number(pl_module, "train/samples_per_second", samples / max(now - self._last_time, 1e-9),
+                   rank_zero_only=True)
         self._last_step, self._last_time = step, now
 
 
@@ -258,7 +260,30 @@ class StepProgressBar(RichProgressBar):
 
     The recipes stop at `trainer.max_steps` with `max_epochs=-1`, which the stock title shows as "Epoch 3/-2";
     the optimiser step in the title follows every batch.
+
+    The metrics shown (loss, lr) are read at most every `metrics_refresh_seconds` during training, not after every
+    batch as Lightning's bar reads them: reading a logged device tensor makes the host wait for the GPU, and a
+    wait per step leaves the device idle while the host runs the loop between steps. The step count and the title
+    still follow every batch; validation and the end of an epoch refresh the metrics as before.
     """
+
+    def __init__(self, *args: Any, metrics_refresh_seconds: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic, **kwargs: Any) -> None:
+        if metrics_refresh_seconds < 0:
+            raise ValueError(f"metrics_refresh_seconds={metrics_refresh_seconds} must be >= 0 (0: after every batch)")
+        super().__init__(*args, **kwargs)
+        self.metrics_refresh_seconds = metrics_refresh_seconds
+        self.clock = clock
+        self._metrics_read_at: float | None = None  # when the training metrics were last read
+        self._in_train_batch_end = False
+
+    def _update_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._in_train_batch_end:
+            now = self.clock()
+            if self._metrics_read_at is not None and now - self._metrics_read_at < self.metrics_refresh_seconds:
+                return
+            self._metrics_read_at = now
+        super()._update_metrics(trainer, pl_module)
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float | dict]:
         """Lightning's metrics, learning rates as `3.0e-04` (the bar rounds floats to 3 decimals: 3e-4 shows 0.0)."""
@@ -269,7 +294,11 @@ class StepProgressBar(RichProgressBar):
         }
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
-        super().on_train_batch_end(trainer, *args, **kwargs)
+        self._in_train_batch_end = True
+        try:
+            super().on_train_batch_end(trainer, *args, **kwargs)
+        finally:
+            self._in_train_batch_end = False
         if self.progress is not None and self.train_progress_bar_id is not None:
             self.progress.update(self.train_progress_bar_id, description=self._get_train_description(trainer.current_epoch))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +29,10 @@ class EMA(nn.Module):
     the averaged model (`averaged.*`, loadable as a whole model); a shared tensor is stored once by torch.save.
     Trainable parameters are averaged in one multi-tensor `lerp` per update (one kernel launch per few hundred
     tensors instead of one per tensor); buffers are copied.
+
+    The update count lives in the `num_updates` buffer (saved, on the model's device) and, for the decay's warm-up,
+    in a host copy read from the buffer once, at the first update after construction or a load: reading a CUDA
+    buffer at every update would make each training step wait for the device.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999, frozen_copy_interval: int = 1000) -> None:
@@ -38,11 +43,20 @@ class EMA(nn.Module):
         shared = {id(parameter): parameter for parameter in model.parameters() if not parameter.requires_grad}
         self.averaged = copy.deepcopy(model, shared).eval().requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self._host_num_updates: int | None = None  # None: read from the buffer at the next update
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # A loaded count replaces the host copy, read again at the next update.
+        self._host_num_updates = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> float:
-        self.num_updates += 1
-        updates = int(self.num_updates)
+        if self._host_num_updates is None:
+            self._host_num_updates = int(self.num_updates)  # the one host read, after construction or a load
+        self._host_num_updates += 1
+        updates = self._host_num_updates
+        self.num_updates.fill_(updates)  # a kernel on the device; no wait
         decay = ema_decay(updates, self.decay)
         averaged = dict(self.averaged.named_parameters())
         targets, sources = [], []

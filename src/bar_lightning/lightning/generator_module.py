@@ -19,6 +19,7 @@ from bar_lightning.lightning.optimization import (
     random_order_ratio,
     warmup_cosine,
 )
+from bar_lightning.lightning.step_logging import log_number
 from bar_lightning.lightning.strategies import automatic_compile_mode
 from bar_lightning.models.bar import NULL_LABEL, BARGenerator
 from bar_lightning.models.sampler import SamplingSettings
@@ -133,8 +134,9 @@ class GeneratorModule(L.LightningModule):
         self.loss_check.note(loss)
         batch_size = bits.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log("train/random_ratio", self.random_ratio, batch_size=batch_size)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
+        # Host numbers go through log_number: as plain floats each would stall the step on a host-device sync.
+        log_number(self, "train/random_ratio", self.random_ratio, batch_size=batch_size)
+        log_number(self, "train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

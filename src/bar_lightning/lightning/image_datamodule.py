@@ -15,11 +15,12 @@ Skipped training samples: :attr:`ImageDataModule.skip_counter` (a :class:`~bar_l
 counts them for this rank. Its counts live in shared memory that the DataLoader workers inherit, so the main
 process sees every worker's skips as they happen, with or without (persistent) workers. This was chosen over a
 per-batch ``skipped`` field because it needs nothing in the batch and nothing from the LightningModule's
-``training_step`` beyond reading a number. To log it::
+``training_step`` beyond reading a number. To log it (``log_number`` writes a host number to the device with a
+kernel; ``self.log`` of a plain float would wait on the GPU every step)::
 
     counter = self.trainer.datamodule.skip_counter
-    self.log("data/skipped", float(counter.skipped), on_step=True, reduce_fx="max")   # this rank
-    self.log("data/skip_rate", counter.skip_rate, on_step=True)
+    log_number(self, "data/skipped", counter.skipped, on_step=True, reduce_fx="max")   # this rank
+    log_number(self, "data/skip_rate", counter.skip_rate, on_step=True)
 
 Every skip also emits a ``BadSampleWarning`` naming the shard and the key, and training stops with
 ``SkipRateExceededError`` when more than ``max_skip_rate`` of the items a rank has read were bad.

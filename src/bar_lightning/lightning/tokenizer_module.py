@@ -22,6 +22,7 @@ from bar_lightning.lightning.optimization import (
     upstream_no_decay,
     warmup_cosine,
 )
+from bar_lightning.lightning.step_logging import log_number
 from bar_lightning.lightning.strategies import automatic_compile_mode
 from bar_lightning.models.losses import (
     TokenizerReconstructionLoss,
@@ -170,11 +171,12 @@ class TokenizerModule(L.LightningModule):
             self.log("train/d_loss", loss.detach(), prog_bar=True, batch_size=batch_size)
             self.log("train/logits_real", logits_real.detach().mean(), batch_size=batch_size)
             self.log("train/logits_fake", logits_fake.detach().mean(), batch_size=batch_size)
-        self.log("train/generator_step", float(self.is_generator_step(step)), batch_size=batch_size)
+        # Host numbers go through log_number: as plain floats each would stall the step on a host-device sync.
+        log_number(self, "train/generator_step", self.is_generator_step(step), batch_size=batch_size)
         skip_counter = getattr(getattr(self._trainer, "datamodule", None), "skip_counter", None)
         if skip_counter is not None:
-            self.log("data/skipped", float(skip_counter.skipped), batch_size=batch_size)
-        self.log("train/lr", optimizers[0].param_groups[-1]["lr"], batch_size=batch_size)
+            log_number(self, "data/skipped", skip_counter.skipped, batch_size=batch_size)
+        log_number(self, "train/lr", optimizers[0].param_groups[-1]["lr"], batch_size=batch_size)
         if self.ema is not None:
             self.ema.update(self.tokenizer)
 
