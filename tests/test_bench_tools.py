@@ -13,7 +13,7 @@ import torch
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
-from common import BatchWindow, TimedBatches, kernel_table  # noqa: E402
+from common import BatchWindow, StepTimer, TimedBatches, kernel_table  # noqa: E402
 from memory_snapshot import owner_of, summarise_trace  # noqa: E402
 
 
@@ -63,7 +63,8 @@ def test_timed_batches_time_every_step_and_profile_only_the_asked_window():
         seen.append(int(batch[0, 0]))
         torch.mm(batch, batch)
     assert seen == list(range(8))
-    assert len(batches.times) == 9 and batches.times == sorted(batches.times)  # one clock read per take, plus the end
+    durations = batches.durations()  # between consecutive marks: one per take, plus the end
+    assert len(durations) == 8 and all(duration >= 0 for duration in durations)
     assert taken == list(range(9))
     assert batches.table is not None and batches.table["profiled_steps"] == 2
     # The profile holds the matrix products of batches 4 and 5 only.
@@ -71,7 +72,29 @@ def test_timed_batches_time_every_step_and_profile_only_the_asked_window():
     assert calls.get("aten::mm") == 2, calls
 
     plain = TimedBatches(lambda index: index, 3)
-    assert list(plain) == [0, 1, 2] and len(plain.times) == 4 and plain.table is None
+    assert list(plain) == [0, 1, 2] and len(plain.durations()) == 3 and plain.table is None
+
+
+def test_step_timer_times_every_batch_from_its_start_to_the_next():
+    import time
+
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    class Slow(BoringModel):
+        def training_step(self, batch, batch_idx):
+            time.sleep(0.02 * (batch_idx + 1))
+            return super().training_step(batch, batch_idx)
+
+    timer = StepTimer()
+    assert timer.durations == []
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
+    trainer.fit(Slow())
+    durations = timer.durations
+    assert len(durations) == 4 and durations == timer.durations  # reading them twice changes nothing
+    for index, duration in enumerate(durations):
+        assert 0.02 * (index + 1) <= duration < 0.02 * (index + 1) + 0.5
 
 
 def test_batch_window_opens_before_its_first_batch_and_closes_after_its_last():
