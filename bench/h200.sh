@@ -8,7 +8,8 @@
 #                      gpu_tests | gpu_tests_and_ours_profile LIMIT_S | evaluation_tests_and_ours_profile LIMIT_S |
 #                      official_profile PHASE | tokenizer_cuda_graphs LIMIT_S |
 #                      tokenizer_graphs_generator_same_call | tokenizer_graphs_gan_same_call | evaluation_peak_memory |
-#                      sync_free_tests_and_ours LIMIT_S | default_generator_same_call | default_gan_same_call
+#                      sync_free_tests_and_ours LIMIT_S | default_generator_same_call | default_gan_same_call |
+#                      sync_tests_and_ours_profile LIMIT_S
 # Needs the wheels of ../shared/tools/device-wheels.sh in .whl (Hydra, webdataset, torch-fidelity); official_tokenizer
 # also the official requirements (transformers 4.56.1, timm, accelerate and theirs) there and the official code
 # exported to .upstream/bar (bench/official_tokenizer.py says how).
@@ -326,6 +327,16 @@ case "${1:-sampling}" in
     cd bench
     timeout $((${2:-590} - 8 - SECONDS)) python3 tokenizer_training.py --phases generator --variants default \
       --out "$OUT/tokenizer_training_default_generator.json" 2>&1 | quiet | tail -3
+    echo "ours generator phase done at ${SECONDS} s"
+    ;;
+  sync_tests_and_ours_profile)
+    # The four steady-state tests of sync_free_tests_and_ours alone (on 2026-12-07 they found Lightning reading every
+    # prog_bar value after each step; the modules log none since), then ours' default generator phase with its
+    # kernel profile in the seconds left of ${2} (the call's limit; ~270 s from a cold cache), no official beside it.
+    gpu_tests_to_log 200 -k never_wait tests/test_gpu_tokenizer.py tests/test_gpu_training.py
+    cd bench
+    timeout $((${2:-590} - 8 - SECONDS)) python3 tokenizer_training.py --phases generator --variants default --profile \
+      --out "$OUT/tokenizer_training_default_generator_profile.json" 2>&1 | quiet | tail -32
     echo "ours generator phase done at ${SECONDS} s"
     ;;
   default_generator_same_call)

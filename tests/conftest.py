@@ -99,14 +99,15 @@ def generator_of_tiny_tokenizer(tmp_path_factory) -> Path:
                       "sampling.tokens_allocation=[2,2,2]", "trainer.max_steps=2", "data.val_num_samples=0")
 
 
-def record_logged_values(module) -> list[tuple[str, object]]:
-    """Wrap `module.log` to record every (name, value) handed to it, then log as before. A training step that logs a
-    host number makes Lightning copy it to the device with a blocking copy (a stream synchronisation on a GPU)."""
-    logged: list[tuple[str, object]] = []
+def record_logged_values(module) -> list[tuple[str, object, dict]]:
+    """Wrap `module.log` to record every (name, value, keyword arguments) handed to it, then log as before. On a GPU,
+    a training step that logs a host number makes Lightning copy it to the device with a blocking copy, and one
+    logged with `prog_bar=True` is read back to the host after the step (both a stream synchronisation)."""
+    logged: list[tuple[str, object, dict]] = []
     original = module.log
 
     def log(name, value, *args, **kwargs):
-        logged.append((name, value))
+        logged.append((name, value, dict(kwargs)))
         return original(name, value, *args, **kwargs)
 
     module.log = log

@@ -312,9 +312,11 @@ def test_learning_rates_show_in_scientific_notation():
                                                         "val/loss", "train/grad_norm", "v_num")] == [
         True, True, True, True, False, False, False, False]
     bar = StepProgressBar()
-    trainer = SimpleNamespace(progress_bar_metrics={"train/loss": 0.6931, "train/lr": 3e-4}, loggers=[])
+    trainer = SimpleNamespace(progress_bar_metrics={"val/loss": 0.6931, "lr-AdamW": 1e-5}, loggers=[],
+                              callback_metrics={"train/loss": torch.tensor(0.5), "train/lr": torch.tensor(3e-4)})
     metrics = bar.get_metrics(trainer, None)
-    assert metrics["train/lr"] == "3.0e-04" and metrics["train/loss"] == 0.6931
+    assert metrics["train/lr"] == "3.0e-04" and metrics["train/loss"] == 0.5
+    assert metrics["lr-AdamW"] == "1.0e-05" and metrics["val/loss"] == 0.6931
 
 
 def test_the_known_noise_filters_are_targeted(caplog):

@@ -90,8 +90,12 @@ def test_the_bar_reads_the_training_metrics_at_most_every_refresh_interval(tmp_p
     reads = MetricReads(bar)
     trainer = L.Trainer(default_root_dir=tmp_path, accelerator="cpu", callbacks=[reads, bar], logger=False,
                         enable_checkpointing=False, enable_model_summary=False, max_steps=7, limit_val_batches=0)
-    trainer.fit(BoringModel())
+    trainer.fit(LossLoggingModel())
     assert reads.reads_in_batch_end == expected
+    # The loss and lr logged without prog_bar are shown all the same, the lr in scientific notation.
+    shown = bar.get_metrics(trainer, None)
+    assert shown["train/loss"] == pytest.approx(float(trainer.callback_metrics["train/loss"]))
+    assert shown["train/lr"] == "1.0e-01"
     with pytest.raises(ValueError, match="metrics_refresh_seconds=-1"):
         StepProgressBar(metrics_refresh_seconds=-1)
 
@@ -153,7 +157,8 @@ def test_on_a_terminal_lines_are_written_only_when_the_bar_is_off(tmp_path, bar,
 class LossLoggingModel(BoringModel):
     def training_step(self, batch, batch_idx):
         output = super().training_step(batch, batch_idx)
-        self.log("train/loss", output["loss"], prog_bar=True)
+        self.log("train/loss", output["loss"])  # as the modules log it: no prog_bar (a host read per step)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return output
 
 

@@ -255,16 +255,30 @@ class RunProvenanceLog(L.Callback):
                                         global_step=trainer.global_step)
 
 
+# The training values the progress bar and the plain progress lines show, read from `trainer.callback_metrics`.
+# The modules log them without `prog_bar=True`: Lightning converts every progress-bar value of a step to a Python
+# number at the end of that step (`.item()`, a host-device wait per step), with or without a bar.
+SHOWN_TRAINING_LOSSES = ("train/loss", "train/d_loss")
+SHOWN_TRAINING_METRICS = (*SHOWN_TRAINING_LOSSES, "train/lr")
+
+
+def shown_training_values(trainer: L.Trainer, names: tuple[str, ...]) -> dict[str, float]:
+    """The latest logged values of `names` (those logged so far) as numbers: a host read of each, so call it rarely."""
+    metrics = trainer.callback_metrics
+    return {name: float(metrics[name]) for name in names if name in metrics}
+
+
 class StepProgressBar(RichProgressBar):
     """Lightning's rich progress bar, titled for step-based runs: "Epoch 3 · 1250/250000 steps".
 
     The recipes stop at `trainer.max_steps` with `max_epochs=-1`, which the stock title shows as "Epoch 3/-2";
     the optimiser step in the title follows every batch.
 
-    The metrics shown (loss, lr) are read at most every `metrics_refresh_seconds` during training, not after every
-    batch as Lightning's bar reads them: reading a logged device tensor makes the host wait for the GPU, and a
-    wait per step leaves the device idle while the host runs the loop between steps. The step count and the title
-    still follow every batch; validation and the end of an epoch refresh the metrics as before.
+    It shows the training loss (and the tokenizer's `train/d_loss`) and learning rate from the logged values
+    (`SHOWN_TRAINING_METRICS`), read at most every `metrics_refresh_seconds` during training, not after every batch
+    as Lightning's bar reads its values: reading a logged device tensor makes the host wait for the GPU, and a wait
+    per step leaves the device idle while the host runs the loop between steps. The step count and the title still
+    follow every batch; validation and the end of an epoch refresh the metrics as before.
     """
 
     def __init__(self, *args: Any, metrics_refresh_seconds: float = 1.0,
@@ -286,8 +300,9 @@ class StepProgressBar(RichProgressBar):
         super()._update_metrics(trainer, pl_module)
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float | dict]:
-        """Lightning's metrics, learning rates as `3.0e-04` (the bar rounds floats to 3 decimals: 3e-4 shows 0.0)."""
-        metrics = super().get_metrics(trainer, pl_module)
+        """The shown training values and Lightning's progress-bar metrics, learning rates as `3.0e-04` (the bar rounds
+        floats to 3 decimals: 3e-4 shows 0.0)."""
+        metrics = {**shown_training_values(trainer, SHOWN_TRAINING_METRICS), **super().get_metrics(trainer, pl_module)}
         return {
             name: format_learning_rate(value) if is_learning_rate_metric(name) and isinstance(value, float) else value
             for name, value in metrics.items()
@@ -339,8 +354,8 @@ class ProgressLog(L.Callback):
     """Plain progress lines through logging, for output that goes to a file (a SLURM `.out`, `> log`, `| tee`).
 
     `step 1200/400000 | loss 5.4312 | lr 3.00e-04 | 812.4 img/s | ETA 6:48:12` every `log_every_n_steps` optimiser
-    steps or `log_every_n_seconds` seconds, whichever comes first (None turns one off). The losses are the
-    `train/*loss*` values the module shows in the progress bar (global rank 0's), lr the first optimiser's first
+    steps or `log_every_n_seconds` seconds, whichever comes first (None turns one off). The losses are the logged
+    `SHOWN_TRAINING_LOSSES` (global rank 0's; a host read per line), lr the first optimiser's first
     parameter group; img/s (global batch from `GlobalBatchMonitor` x steps / seconds) and the ETA to `max_steps`
     are measured since the previous line. `plain_lines`: `auto` writes them unless the rich bar is drawn on a
     terminal (so also with `trainer.enable_progress_bar=false`), `always`, `never`. Global rank 0 only.
@@ -388,9 +403,8 @@ class ProgressLog(L.Callback):
     def progress_line(self, trainer: L.Trainer, step: int, now: float) -> str:
         total = _total_steps(trainer)
         parts = [f"step {step}/{total}" if total is not None else f"step {step}"]
-        for name, value in trainer.progress_bar_metrics.items():
-            if name.startswith("train/") and "loss" in name:
-                parts.append(f"{name.removeprefix('train/')} {float(value):.4f}")
+        for name, value in shown_training_values(trainer, SHOWN_TRAINING_LOSSES).items():
+            parts.append(f"{name.removeprefix('train/')} {value:.4f}")
         if trainer.optimizers:
             parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.2e}")
         steps_per_second = (step - self._last_step) / max(now - self._last_time, 1e-9)

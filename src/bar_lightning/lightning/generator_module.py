@@ -133,10 +133,11 @@ class GeneratorModule(L.LightningModule):
         loss = self._loss(bits, labels, orders)
         self.loss_check.note(loss)
         batch_size = bits.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        # Host numbers go through log_number: as plain floats each would stall the step on a host-device sync.
+        # No prog_bar=True (Lightning would read those values on the host after every step: the bar reads them itself,
+        # callbacks.SHOWN_TRAINING_METRICS); host numbers go through log_number (a plain float is a blocking copy).
+        self.log("train/loss", loss, batch_size=batch_size)
         log_number(self, "train/random_ratio", self.random_ratio, batch_size=batch_size)
-        log_number(self, "train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
+        log_number(self, "train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

@@ -152,7 +152,7 @@ class TokenizerModule(L.LightningModule):
                 terms = {name: value.clone() for name, value in terms.items()}
             self.loss_check.note(total, "autoencoder")
             self._optimizer_step(optimizers[0], schedulers[0], total)
-            self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
+            self.log("train/loss", total.detach(), batch_size=batch_size)
             for name, value in terms.items():
                 self.log(f"train/{name}", value, batch_size=batch_size)
             self.log("train/bit_entropy", bit_entropy(output.bits).mean(), batch_size=batch_size)
@@ -168,10 +168,11 @@ class TokenizerModule(L.LightningModule):
             loss = hinge_d_loss(logits_real, logits_fake)
             self.loss_check.note(loss, "discriminator")
             self._optimizer_step(optimizers[1], schedulers[1], loss)
-            self.log("train/d_loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+            self.log("train/d_loss", loss.detach(), batch_size=batch_size)
             self.log("train/logits_real", logits_real.detach().mean(), batch_size=batch_size)
             self.log("train/logits_fake", logits_fake.detach().mean(), batch_size=batch_size)
-        # Host numbers go through log_number: as plain floats each would stall the step on a host-device sync.
+        # No prog_bar=True (Lightning would read those values on the host after every step: the bar reads them itself,
+        # callbacks.SHOWN_TRAINING_METRICS); host numbers go through log_number (a plain float is a blocking copy).
         log_number(self, "train/generator_step", self.is_generator_step(step), batch_size=batch_size)
         skip_counter = getattr(getattr(self._trainer, "datamodule", None), "skip_counter", None)
         if skip_counter is not None:
