@@ -332,12 +332,18 @@ case "${1:-sampling}" in
   sync_tests_and_ours_profile)
     # The four steady-state tests of sync_free_tests_and_ours alone (on 2026-12-07 they found Lightning reading every
     # prog_bar value after each step; the modules log none since), then ours' default generator phase with its
-    # kernel profile in the seconds left of ${2} (the call's limit; ~270 s from a cold cache), no official beside it.
+    # kernel profile (~270 s from a cold cache) and its G/D phase in the seconds left of ${2} (the call's limit), no
+    # official beside them.
     gpu_tests_to_log 200 -k never_wait tests/test_gpu_tokenizer.py tests/test_gpu_training.py
     cd bench
     timeout $((${2:-590} - 8 - SECONDS)) python3 tokenizer_training.py --phases generator --variants default --profile \
       --out "$OUT/tokenizer_training_default_generator_profile.json" 2>&1 | quiet | tail -32
     echo "ours generator phase done at ${SECONDS} s"
+    # Then ours' default G/D phase (autoencoder graphs cached, ~70-130 s) if the call has the time.
+    left=$((${2:-590} - 8 - SECONDS))
+    [ $left -gt 60 ] && timeout $left python3 tokenizer_training.py --phases gan --variants default \
+      --out "$OUT/tokenizer_training_default_gan.json" 2>&1 | quiet | tail -3
+    echo "ours G/D phase done at ${SECONDS} s"
     ;;
   default_generator_same_call)
     # After sync_free_tests_and_ours on the same warm machine (ours' graphs cached, ~75 s; up to ~250 s if that call's
