@@ -9,7 +9,7 @@
 #                      official_profile PHASE | tokenizer_cuda_graphs LIMIT_S |
 #                      tokenizer_graphs_generator_same_call | tokenizer_graphs_gan_same_call | evaluation_peak_memory |
 #                      sync_free_tests_and_ours LIMIT_S | default_generator_same_call | default_gan_same_call |
-#                      sync_tests_and_ours_profile LIMIT_S
+#                      sync_tests_and_ours_profile LIMIT_S | sync_tests LIMIT_S
 # Needs the wheels of ../shared/tools/device-wheels.sh in .whl (Hydra, webdataset, torch-fidelity); official_tokenizer
 # also the official requirements (transformers 4.56.1, timm, accelerate and theirs) there and the official code
 # exported to .upstream/bar (bench/official_tokenizer.py says how).
@@ -344,6 +344,11 @@ case "${1:-sampling}" in
     [ $left -gt 60 ] && timeout $left python3 tokenizer_training.py --phases gan --variants default \
       --out "$OUT/tokenizer_training_default_gan.json" 2>&1 | quiet | tail -3
     echo "ours G/D phase done at ${SECONDS} s"
+    ;;
+  sync_tests)
+    # The four steady-state tests alone, under the limit ${2}: for a session whose failed starts left no time for
+    # ours' full-size step beside them.
+    gpu_tests_to_log "${2:-150}" -k never_wait tests/test_gpu_tokenizer.py tests/test_gpu_training.py
     ;;
   default_generator_same_call)
     # After sync_free_tests_and_ours on the same warm machine (ours' graphs cached, ~75 s; up to ~250 s if that call's
