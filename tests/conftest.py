@@ -1,5 +1,6 @@
-"""Shared test settings and helpers: deterministic CPU execution, the fixture folder, tiny trained checkpoints and a
-recorder of the sampling loop's steps."""
+"""Shared test settings and helpers: deterministic CPU execution, the fixture folder, tiny trained checkpoints, a
+recorder of the sampling loop's steps, a recorder of what a module logs and a callback that forbids host-device waits
+in a window of training steps (GPU)."""
 
 from __future__ import annotations
 
@@ -112,7 +113,6 @@ def record_logged_values(module) -> list[tuple[str, object, dict]]:
 
     module.log = log
     return logged
-
 
 
 class ForbidHostSyncs(L.Callback):

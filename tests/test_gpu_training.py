@@ -1,5 +1,6 @@
 """The compiled training step replayed as CUDA graphs (`training.compile_mode=reduce-overhead`, the one-GPU default)
-against the plain compiled step and the eager step, on a GPU.
+against the plain compiled step and the eager step, on a GPU; and steady-state steps (eager and compiled) that never
+make the host wait for the GPU.
 
 Skipped without a GPU; bench/h200.sh runs it. Random draws inside the compiled graph use the eager generator
 (`fallback_random`), so the three runs see the same masks and their weights must agree.
