@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "batch": args.batch, "steps": final_step, "median_step_s": step, "images_per_s": args.batch / step,
         "step_durations_s": durations,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-        "first_steps_s": sum(durations[:args.warmup]), "wall_s": wall,
+        "first_steps_s": sum(durations[:args.warmup]), "wall_s": wall, "timing": "stream events at batch starts",
         "replaced": "data (random pretokenized batch on the device); weights dense random",
     }
 
