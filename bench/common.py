@@ -217,19 +217,24 @@ class StreamClock:
         self.cuda = torch.cuda.is_available()
         self.marks: list[Any] = []
 
-    def mark(self) -> None:
+    def stamp(self) -> Any:
+        """A timestamp of this point (a recorded CUDA event, or the CPU clock), not kept among the marks."""
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
-            self.marks.append(event)
-        else:
-            self.marks.append(time.perf_counter())
+            return event
+        return time.perf_counter()
 
-    def seconds_between(self) -> list[float]:
+    def mark(self) -> None:
+        self.marks.append(self.stamp())
+
+    def seconds_between(self, last: Any = None) -> list[float]:
+        """Seconds between consecutive marks, and from the last mark to the stamp `last` if given."""
+        marks = self.marks if last is None else [*self.marks, last]
         if self.cuda:
             synchronize()
-            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
-        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+            return [a.elapsed_time(b) / 1000 for a, b in zip(marks, marks[1:])]
+        return [b - a for a, b in zip(marks, marks[1:])]
 
 
 class TimedBatches:
@@ -282,19 +287,12 @@ class StepTimer(L.Callback):
         self.clock.mark()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        self._last_end = StreamClock()
-        self._last_end.mark()
+        self._last_end = self.clock.stamp()
 
     @property
     def durations(self) -> list[float]:
         """Seconds of each batch (synchronises once); read after the fit."""
-        if self._last_end is None:
-            return []
-        self.clock.marks.append(self._last_end.marks[0])
-        try:
-            return self.clock.seconds_between()
-        finally:
-            self.clock.marks.pop()
+        return [] if self._last_end is None else self.clock.seconds_between(last=self._last_end)
 
 
 def time_calls(call: Callable[[int], Any], *, warmup: int, timed: int) -> list[float]:
