@@ -139,3 +139,19 @@ class ForbidHostSyncs(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception) -> None:  # noqa: ANN001
         torch.cuda.set_sync_debug_mode("default")
+
+
+def fit_forbidding_host_syncs(cfg, build_job, first: int = 10, last: int = 15):
+    """Seed, build the job of `cfg` with `build_job` (`build_tokenizer_job` or `build_generator_job`) and fit it with
+    `ForbidHostSyncs(first, last)`, checking that the window covered batches `first` to `last - 1`; returns
+    `(module, trainer)`."""
+    from bar_lightning.run import build_trainer
+
+    forbid = ForbidHostSyncs(first, last)
+    L.seed_everything(0)
+    module, datamodule = build_job(cfg)
+    trainer = build_trainer(cfg)
+    trainer.callbacks.append(forbid)
+    trainer.fit(module, datamodule=datamodule)
+    assert forbid.checked_batches == list(range(first, last))
+    return module, trainer

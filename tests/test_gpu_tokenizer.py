@@ -8,15 +8,14 @@ Skipped without a GPU; bench/h200.sh runs it.
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 
 from bar_lightning.config.schema import validate_train_config
-from bar_lightning.run import build_tokenizer_job, build_trainer
+from bar_lightning.run import build_tokenizer_job
 from bar_lightning.stand_in_weights import write_stand_in_weights
 
-from .conftest import ForbidHostSyncs
+from .conftest import fit_forbidding_host_syncs
 from .test_configs import compose_train
 from .test_parity_tokenizer import c2_sizes, load_tokenizer, max_error, read_fixture
 from .test_tokenizer_module import fit_recording_steps
@@ -121,12 +120,6 @@ def test_tiny_tokenizer_steps_never_wait_for_the_gpu(tmp_path, compile_setting):
          "data.pin_memory=true", *compile_setting],
         tmp_path,
     ))
-    forbid = ForbidHostSyncs(first=10, last=15)
-    L.seed_everything(0)
-    module, datamodule = build_tokenizer_job(cfg)
-    trainer = build_trainer(cfg)
-    trainer.callbacks.append(forbid)
-    trainer.fit(module, datamodule=datamodule)
-    assert forbid.checked_batches == [10, 11, 12, 13, 14]
+    module, trainer = fit_forbidding_host_syncs(cfg, build_tokenizer_job, first=10, last=15)
     assert trainer.global_step == 16 and int(module.ema.num_updates) == 16
     assert torch.isfinite(trainer.callback_metrics["train/loss"]) and torch.isfinite(trainer.callback_metrics["train/d_loss"])

@@ -15,7 +15,7 @@ import torch
 from bar_lightning.config.schema import validate_train_config
 from bar_lightning.run import build_generator_job, build_trainer
 
-from .conftest import ForbidHostSyncs
+from .conftest import fit_forbidding_host_syncs
 from .test_configs import compose_train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -100,11 +100,5 @@ def test_tiny_generator_steps_never_wait_for_the_gpu(tmp_path, compile_setting):
          "trainer.enable_model_summary=false", "logger=csv", "data.num_workers=2", f"training.compile={compile_setting}"],
         tmp_path,
     ))
-    forbid = ForbidHostSyncs(first=10, last=15)
-    L.seed_everything(0)
-    module, datamodule = build_generator_job(cfg)
-    trainer = build_trainer(cfg)
-    trainer.callbacks.append(forbid)
-    trainer.fit(module, datamodule=datamodule)
-    assert forbid.checked_batches == [10, 11, 12, 13, 14]
+    _, trainer = fit_forbidding_host_syncs(cfg, build_generator_job, first=10, last=15)
     assert trainer.global_step == 16 and torch.isfinite(trainer.callback_metrics["train/loss"])
