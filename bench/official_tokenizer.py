@@ -41,6 +41,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+import compile_cache  # noqa: E402
 from common import TimedBatches, machine, print_kernel_table, write_results  # noqa: E402
 
 SIGLIP2_SO400M_VISION = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
@@ -201,9 +202,12 @@ def main() -> None:
                         help="what is alive at the peak of two batches after the timed ones (CUDA only)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    compile_cache.load("official_tokenizer")
     row = run(args)
+    row["compile_cache"] = compile_cache.loaded_artifacts()
     print({key: value for key, value in row.items() if key not in ("profile", "memory")}, flush=True)
     write_results(args.out, {"machine": machine(), "rows": [row]})
+    compile_cache.save("official_tokenizer")
 
 
 if __name__ == "__main__":

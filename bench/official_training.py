@@ -34,6 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+import compile_cache  # noqa: E402
 from common import TimedBatches, machine, write_results  # noqa: E402
 
 
@@ -117,9 +118,12 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="without the recipe's torch.compile")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    compile_cache.load("official_training")
     row = run(args)
+    row["compile_cache"] = compile_cache.loaded_artifacts()
     print({k: v for k, v in row.items() if k != "step_durations_s"}, flush=True)
     write_results(args.out, {"machine": machine(), "rows": [row]})
+    compile_cache.save("official_training")
 
 
 if __name__ == "__main__":

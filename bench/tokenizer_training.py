@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import compile_cache
 import lightning as L
 import torch
 from common import (
@@ -174,6 +175,7 @@ def main() -> None:
     # the precision the step ran with, so the process state at start would only mislead here.
     for key in ("tf32_matmul", "float32_matmul_precision"):
         results["machine"].pop(key, None)
+    compile_cache.load("ours_tokenizer")
     for phase in args.phases.split(","):
         for name in args.variants.split(","):
             try:
@@ -181,9 +183,11 @@ def main() -> None:
             except Exception as error:  # report and go on with the other variants
                 row = {"phase": phase, "variant": name, "error": f"{type(error).__name__}: {error}"[:800]}
                 gc.collect()
+            row["compile_cache"] = compile_cache.loaded_artifacts()
             print({k: v for k, v in row.items() if k not in ("step_durations_s", "profile", "memory")}, flush=True)
             results["rows"].append(row)
             write_results(args.out, results)
+            compile_cache.save("ours_tokenizer")
     print(f"\ntokenizer training, {results['machine'].get('gpu')}, torch {torch.__version__}, bf16-mixed")
     print_table(results["rows"], ["phase", "variant", "batch", "images_per_s", "step_s", "peak_memory_gib", "tflops",
                                   "mfu_vs_bf16_peak", "first_steps_s", "error"])

@@ -16,6 +16,7 @@ import gc
 import time
 from typing import Any
 
+import compile_cache
 import torch
 from common import (
     StepProfiler,
@@ -128,6 +129,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_float32_matmul_precision("high")
     results: dict[str, Any] = {"machine": machine(), "rows": []}
+    compile_cache.load("ours_training")
     for experiment in args.experiments.split(","):
         for name in args.variants.split(","):
             try:
@@ -135,9 +137,11 @@ def main() -> None:
             except Exception as error:  # report and go on with the other variants
                 row = {"experiment": experiment, "variant": name, "error": f"{type(error).__name__}: {error}"[:500]}
                 gc.collect()
+            row["compile_cache"] = compile_cache.loaded_artifacts()
             print({k: v for k, v in row.items() if k != "profile"}, flush=True)
             results["rows"].append(row)
             write_results(args.out, results)
+            compile_cache.save("ours_training")
     print(f"\ntraining, {results['machine'].get('gpu')}, torch {torch.__version__}, bf16-mixed, AdamW, clip 1.0")
     print_table(results["rows"], ["experiment", "variant", "batch", "images_per_s", "median_step_s",
                                   "peak_memory_gib", "tflops", "mfu_vs_measured_bf16", "first_steps_s", "error"])

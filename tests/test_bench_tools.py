@@ -150,3 +150,102 @@ def test_trace_replay_finds_the_peak_and_what_is_alive_at_it():
     assert top_one["alive_at_peak_by_owner"] == {"bar_lightning/models/losses.py:f0": 400}
     assert top_one["alive_at_peak_other_bytes"] == 50
     assert summarise_trace([], baseline_bytes=7)["peak_bytes"] == 7
+
+
+COMPILE_AND_CACHE = """
+import os, sys
+sys.path.insert(0, {bench!r})
+import torch
+import compile_cache
+from torch._dynamo.utils import counters
+
+loaded = compile_cache.load("ours_training")
+model = torch.compile(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.LayerNorm(16)))
+model(torch.randn(4, 16)).sum().backward()
+written = compile_cache.save("ours_training", part_bytes={part_bytes})
+print("RESULT", loaded, compile_cache.loaded_artifacts(), counters["inductor"]["fxgraph_cache_hit"],
+      counters["inductor"]["fxgraph_cache_miss"], len(written))
+"""
+
+
+def compile_in_fresh_process(tmp_path, name: str, cache_in, cache_out, part_bytes: int = 2**20) -> list[int]:
+    """Compile a small module in a new process with an empty Inductor cache of its own; returns what it printed:
+    artifacts loaded (twice: load's return and loaded_artifacts), FX-graph cache hits and misses, parts written."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor_{name}"),
+           "BENCH_COMPILE_CACHE_IN": str(cache_in), "BENCH_COMPILE_CACHE_OUT": str(cache_out)}
+    script = COMPILE_AND_CACHE.format(bench=str(BENCH), part_bytes=part_bytes)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT"))
+    return [int(value) for value in line.split()[1:]]
+
+
+def test_compile_cache_carries_compiled_graphs_to_a_fresh_machine(tmp_path):
+    carried = tmp_path / "carried"
+    # First machine: nothing to load, everything compiled, saved in several parts (a call returns files <= 16 MiB).
+    loaded, _, hits, misses, parts = compile_in_fresh_process(tmp_path, "first", carried, carried, part_bytes=20_000)
+    assert (loaded, hits) == (0, 0) and misses > 0 and parts > 1
+    assert sorted(path.name for path in carried.iterdir()) == [
+        f"ours_training.megacache.zlib.{number:02d}" for number in range(parts)]
+    # Second machine (its own empty Inductor cache): every graph comes from the blob, and a save that adds nothing
+    # writes nothing.
+    returned = tmp_path / "returned"
+    loaded, recorded, hits, misses, parts = compile_in_fresh_process(tmp_path, "second", carried, returned)
+    assert loaded > 0 and recorded == loaded and hits > 0 and misses == 0 and parts == 0
+    assert not returned.exists()
+
+
+def test_compile_cache_refuses_truncated_or_incomplete_blobs_and_compiles_without_them(tmp_path, capsys):
+    import zlib
+
+    import compile_cache
+
+    folder = tmp_path / "carried"
+    folder.mkdir()
+    data = zlib.compress(b"x" * 100_000)
+    (folder / "ours_tokenizer.megacache.zlib.00").write_bytes(data[: len(data) // 2])
+    assert compile_cache.load("ours_tokenizer", folder) == 0
+    assert "ours_tokenizer: not loaded (ValueError: the zlib stream is truncated" in capsys.readouterr().out
+    # A part missing in the middle.
+    (folder / "ours_tokenizer.megacache.zlib.02").write_bytes(data[len(data) // 2 :])
+    assert compile_cache.load("ours_tokenizer", folder) == 0
+    assert "parts [0, 2] are not 0..1" in capsys.readouterr().out
+    # Whole, with the last part of a longer older blob left behind.
+    (folder / "ours_tokenizer.megacache.zlib.00").write_bytes(data)
+    (folder / "ours_tokenizer.megacache.zlib.01").write_bytes(data[-40:])
+    (folder / "ours_tokenizer.megacache.zlib.02").unlink()
+    assert compile_cache.load("ours_tokenizer", folder) == 0
+    assert "40 bytes follow the zlib stream" in capsys.readouterr().out
+    # Whole but not a compile cache.
+    for path in folder.iterdir():
+        path.unlink()
+    (folder / "ours_tokenizer.megacache.zlib.00").write_bytes(data)
+    assert compile_cache.load("ours_tokenizer", folder) == 0
+    assert "ours_tokenizer: not loaded (ValueError: torch.compiler.load_cache_artifacts could not read it)" in (
+        capsys.readouterr().out)
+    # No blob of that key, or no folder at all: nothing to say.
+    assert compile_cache.load("official_tokenizer", folder) == 0
+    assert compile_cache.load("ours_tokenizer", tmp_path / "absent") == 0
+    assert capsys.readouterr().out == ""
+    with pytest.raises(ValueError, match="'ours tokenizer'"):
+        compile_cache.save("ours tokenizer", folder)
+
+
+def test_returned_compile_cache_replaces_every_part_of_the_older_blob(tmp_path):
+    import compile_cache
+
+    carried, returned = tmp_path / "carried", tmp_path / "returned"
+    carried.mkdir()
+    returned.mkdir()
+    for number in range(3):  # an older blob of three parts, and another key that stays
+        (carried / f"ours_tokenizer.megacache.zlib.{number:02d}").write_bytes(b"old")
+    (carried / "official_tokenizer.megacache.zlib.00").write_bytes(b"official")
+    for number in range(2):
+        (returned / f"ours_tokenizer.megacache.zlib.{number:02d}").write_bytes(b"new")
+    assert compile_cache.take(returned, carried) == ["ours_tokenizer"]
+    assert {path.name: path.read_bytes() for path in carried.iterdir()} == {
+        "ours_tokenizer.megacache.zlib.00": b"new", "ours_tokenizer.megacache.zlib.01": b"new",
+        "official_tokenizer.megacache.zlib.00": b"official"}
