@@ -9,7 +9,8 @@
 #                      official_profile PHASE | tokenizer_cuda_graphs LIMIT_S |
 #                      tokenizer_graphs_generator_same_call | tokenizer_graphs_gan_same_call | evaluation_peak_memory |
 #                      sync_free_tests_and_ours LIMIT_S | default_generator_same_call | default_gan_same_call |
-#                      sync_tests_and_ours_profile LIMIT_S | sync_tests LIMIT_S
+#                      sync_tests_and_ours_profile LIMIT_S | sync_tests LIMIT_S | ours_tokenizer_cache LIMIT_S |
+#                      official_tokenizer_cache LIMIT_S | tokenizer_same_call LIMIT_S
 # Needs the wheels of ../shared/tools/device-wheels.sh in .whl (Hydra, webdataset, torch-fidelity); official_tokenizer
 # also the official requirements (transformers 4.56.1, timm, accelerate and theirs) there and the official code
 # exported to .upstream/bar (bench/official_tokenizer.py says how).
@@ -21,6 +22,21 @@ export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 BAR_PROGRESS=0 TORCHINDU
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
 quiet() { grep -v -i -e warn -e "^ *return F" -e "^ *warnings" ; }
+# Compile artifacts carried between machines (bench/compile_cache.py): every bench script loads its code's blob from
+# the carried .compile_cache/ and writes it back there with what it compiled; the blobs this call rewrote come back
+# under $OUT/compile_cache (put them into .compile_cache/ here with `python bench/compile_cache.py <folder>`).
+ROOT=$PWD
+mkdir -p "$ROOT/.compile_cache"
+export BENCH_COMPILE_CACHE_IN=$ROOT/.compile_cache BENCH_COMPILE_CACHE_OUT=$ROOT/.compile_cache
+touch /tmp/h200_call_start
+return_compile_caches() {
+  local rewritten
+  rewritten=$(find "$ROOT/.compile_cache" -name '*.megacache.zlib.[0-9]*' ! -name '*.tmp' -newer /tmp/h200_call_start)
+  [ -z "$rewritten" ] && return
+  mkdir -p "$OUT/compile_cache" && cp $rewritten "$OUT/compile_cache/"
+  ls -l "$OUT/compile_cache"
+}
+trap return_compile_caches EXIT
 # Every limit below ends in SIGKILL 10 s after its SIGTERM: Lightning's trainer catches SIGTERM and stops only at the
 # end of its step; a run stopped mid-compilation (2026-12-07, item 12) ran past its limit to the call's, most likely so.
 timeout() { command timeout -k 10 "$@"; }
@@ -32,6 +48,24 @@ gpu_tests_to_log() {
   tail -6 "$OUT/gpu_tests_full.log" | tee "$OUT/gpu_tests.log"
   echo "tests done at ${SECONDS} s"
 }
+# One tokenizer phase of one code (train.py's defaults for ours: compiled, CUDA graphs on one GPU; the official
+# compiled step), its JSON in $OUT/NAME.json, skipped when the limit leaves no time for it:
+# tokenizer_phase ours|official PHASE LIMIT_S NAME [ARGS...]
+tokenizer_phase() {
+  local code=$1 phase=$2 limit=$3 name=$4
+  shift 4
+  if [ "$limit" -lt 40 ]; then echo "$code $phase phase skipped: ${limit} s left"; return; fi
+  if [ "$code" = ours ]; then
+    (cd "$ROOT/bench" && timeout "$limit" python3 tokenizer_training.py --phases "$phase" --variants default "$@" \
+      --out "$OUT/$name.json" 2>&1 | quiet | tail -4)
+  else
+    (cd "$ROOT/bench" && timeout "$limit" python3 official_tokenizer.py --phase "$phase" "$@" --out "$OUT/$name.json" \
+      2>&1 | quiet | tail -3)
+  fi
+  echo "$code $phase phase done at ${SECONDS} s"
+}
+# The seconds left before the call's limit CALL_S, less a margin for the files to be written: left_of CALL_S
+left_of() { echo $((${1:-590} - 12 - SECONDS)); }
 # Ours' compiled tokenizer generator phase with its kernel profile, in the seconds left of the call's limit CALL_S.
 ours_generator_profile() {
   (cd bench && timeout $((${1:-590} - 8 - SECONDS)) python3 tokenizer_training.py --phases generator --variants compile \
@@ -373,6 +407,28 @@ case "${1:-sampling}" in
     timeout $((588 - SECONDS)) python3 official_tokenizer.py --phase gan --out "$OUT/official_tokenizer_compiled_gan_events.json" \
       2>&1 | quiet | tail -2
     echo "official G/D phase done at ${SECONDS} s"
+    ;;
+  ours_tokenizer_cache)
+    # A fresh machine (and no carried blob of ours): ours' default generator phase from a cold cache (215 to more than
+    # 340 s on 2026-12-07), then its G/D phase (the discriminator's graphs on top), in the call's limit ${2}. Both
+    # write ours' compile blob; the call returns it.
+    tokenizer_phase ours generator "$(left_of "${2:-590}")" ours_tokenizer_generator_cold
+    tokenizer_phase ours gan "$(left_of "${2:-590}")" ours_tokenizer_gan_cold
+    ;;
+  official_tokenizer_cache)
+    # The same for the official compiled step (a cold generator phase ran past 457 s on 2026-12-07's seventh session).
+    tokenizer_phase official generator "$(left_of "${2:-590}")" official_tokenizer_generator_cold
+    tokenizer_phase official gan "$(left_of "${2:-590}")" official_tokenizer_gan_cold
+    ;;
+  tokenizer_same_call)
+    # Both codes, both phases, in one call, once both codes' graphs are cached (carried blobs, or the two parts above
+    # on the same machine): the same-call ratios of the steps that no longer wait for the GPU (docs/benchmarks.md 5i).
+    # The limits keep a slow first phase from taking the others' time; ${2} is the call's limit.
+    tokenizer_phase ours generator 150 ours_tokenizer_generator_same_call
+    tokenizer_phase official generator "$(( $(left_of "${2:-590}") < 170 ? $(left_of "${2:-590}") : 170 ))" \
+      official_tokenizer_generator_same_call
+    tokenizer_phase ours gan "$(( $(left_of "${2:-590}") < 150 ? $(left_of "${2:-590}") : 150 ))" ours_tokenizer_gan_same_call
+    tokenizer_phase official gan "$(left_of "${2:-590}")" official_tokenizer_gan_same_call
     ;;
   evaluation_50k)
     # Issue 16 item 4 for real: evaluate.py over 50,000 samples (BAR-B fp32, batch 500, every metric), a progress
