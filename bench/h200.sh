@@ -64,8 +64,13 @@ tokenizer_phase() {
   fi
   echo "$code $phase phase done at ${SECONDS} s"
 }
-# The seconds left before the call's limit CALL_S, less a margin for the files to be written: left_of CALL_S
-left_of() { echo $((${1:-590} - 12 - SECONDS)); }
+# The seconds left before the call's limit CALL_S, less a margin for the files to be written, and at most CAP_S when
+# given: left_of CALL_S [CAP_S]
+left_of() {
+  local left=$((${1:-590} - 12 - SECONDS))
+  [ -n "${2:-}" ] && [ "$2" -lt "$left" ] && left=$2
+  echo "$left"
+}
 # Ours' compiled tokenizer generator phase with its kernel profile, in the seconds left of the call's limit CALL_S.
 ours_generator_profile() {
   (cd bench && timeout $((${1:-590} - 8 - SECONDS)) python3 tokenizer_training.py --phases generator --variants compile \
@@ -424,10 +429,9 @@ case "${1:-sampling}" in
     # Both codes, both phases, in one call, once both codes' graphs are cached (carried blobs, or the two parts above
     # on the same machine): the same-call ratios of the steps that no longer wait for the GPU (docs/benchmarks.md 5i).
     # The limits keep a slow first phase from taking the others' time; ${2} is the call's limit.
-    tokenizer_phase ours generator 150 ours_tokenizer_generator_same_call
-    tokenizer_phase official generator "$(( $(left_of "${2:-590}") < 170 ? $(left_of "${2:-590}") : 170 ))" \
-      official_tokenizer_generator_same_call
-    tokenizer_phase ours gan "$(( $(left_of "${2:-590}") < 150 ? $(left_of "${2:-590}") : 150 ))" ours_tokenizer_gan_same_call
+    tokenizer_phase ours generator "$(left_of "${2:-590}" 150)" ours_tokenizer_generator_same_call
+    tokenizer_phase official generator "$(left_of "${2:-590}" 170)" official_tokenizer_generator_same_call
+    tokenizer_phase ours gan "$(left_of "${2:-590}" 150)" ours_tokenizer_gan_same_call
     tokenizer_phase official gan "$(left_of "${2:-590}")" official_tokenizer_gan_same_call
     ;;
   evaluation_50k)
