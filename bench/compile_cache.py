@@ -6,15 +6,19 @@ step took 215-350 s for ours and 240-460 s for the official one (docs/benchmarks
 in one 600 s call. torch's portable compile cache (`torch.compiler.save_cache_artifacts` / `load_cache_artifacts`:
 the FX-graph, AOTAutograd and Triton-kernel artifacts of the process) removes that cost:
 
-* `BENCH_COMPILE_CACHE_IN=<dir>`: before compiling, `load(key)` loads blob `key` of that folder (one per code and
-  script: `ours_tokenizer`, `official_tokenizer`, `ours_training`, `official_training`). A blob that is truncated,
-  corrupt or from another torch fails with a printed warning and the run compiles as without it: the cache saves time,
-  never changes what runs. Blobs are pickles: load only those your own runs wrote.
-* `BENCH_COMPILE_CACHE_OUT=<dir>`: after each run, `save(key)` writes what the process compiled or loaded as
-  `<key>.megacache.zlib.NN` (zlib, split into parts of at most `PART_BYTES`, since a device call returns files of at
-  most 16 MiB), unless it holds nothing that was loaded or saved before. The blob is the union of the loaded one and
-  the new artifacts, so the same folder can be both: bench/h200.sh uses the carried `.compile_cache/` for both and
-  returns the blobs a call rewrote under `$OUT/compile_cache`.
+* `BENCH_COMPILE_CACHE_IN=<dir>`: before compiling, `load(prefix)` loads every blob of that folder whose key starts
+  with `prefix` (the code and script: `ours_tokenizer`, `official_tokenizer`, `ours_training`, `official_training`),
+  so a G/D-phase run also finds the autoencoder graphs of a generator-phase blob. A blob that is truncated, corrupt or
+  from another torch fails with a printed warning and the run compiles as without it: the cache saves time, never
+  changes what runs. Blobs are pickles: load only those your own runs wrote.
+* `BENCH_COMPILE_CACHE_OUT=<dir>`: at the end of a script, `save(key)` writes what the process compiled or took from
+  the cache as `<key>.megacache.zlib.NN` (zlib, split into parts of at most `PART_BYTES`, since a device call returns
+  files of at most 16 MiB), unless every artifact of it was loaded. The key names the run (code, phase, variants):
+  torch re-saves only the loaded artifacts a process used, so one blob per kind of run keeps each complete. Once per
+  process: torch serialises a second time by appending, and its loader keeps only the last batch of each kind of
+  artifact (`CacheArtifactManager.deserialize` builds a dict), which would silently drop the first.
+  bench/h200.sh uses the carried `.compile_cache/` as both folders and returns the blobs a call wrote under
+  `$OUT/compile_cache`.
 * `python bench/compile_cache.py <returned folder>` puts returned blobs into `.compile_cache/` (git-ignored), replacing
   the older blob of each key; carry it (`carry: [".whl", ".upstream", ".compile_cache"]`).
 
@@ -40,9 +44,9 @@ PART_BYTES = 15 * 2**20
 SUFFIX = ".megacache.zlib."
 _KEY = re.compile(r"^[A-Za-z0-9._-]+$")
 
-# Artifact keys loaded or saved by this process: a save that adds none writes nothing.
-_known: set[str] = set()
+# Artifact keys loaded by this process (a save that adds none writes nothing), and whether it saved already.
 _loaded: set[str] = set()
+_saved = False
 
 
 def artifact_keys(info: Any) -> set[str]:
@@ -71,46 +75,54 @@ def decompress(data: bytes) -> bytes:
     return blob
 
 
-def load(key: str, folder: str | os.PathLike | None = None) -> int:
-    """Load blob `key` of `folder` (default: $BENCH_COMPILE_CACHE_IN); returns how many artifacts it held (0 without
-    a folder or a blob, or when the blob cannot be loaded)."""
+def load(prefix: str, folder: str | os.PathLike | None = None) -> int:
+    """Load every blob of `folder` (default: $BENCH_COMPILE_CACHE_IN) whose key starts with `prefix`; returns how many
+    artifacts they held (0 without a folder or a blob; a blob that cannot be loaded counts none)."""
     folder = folder if folder is not None else os.environ.get("BENCH_COMPILE_CACHE_IN")
-    parts = blob_parts(Path(folder)).get(key, []) if folder and Path(folder).is_dir() else []
-    if not parts:
-        return 0
-    numbers = [int(path.name.rpartition(SUFFIX)[2]) for path in parts]
-    try:
-        if numbers != list(range(len(parts))):
-            raise ValueError(f"parts {numbers} are not 0..{len(parts) - 1}")
-        blob = decompress(b"".join(path.read_bytes() for path in parts))
-        info = torch.compiler.load_cache_artifacts(blob)
-        if info is None:  # torch logs why (a checksum, another version) and returns nothing
-            raise ValueError("torch.compiler.load_cache_artifacts could not read it")
-    except Exception as error:  # a cache only saves time: compile as without it
-        print(f"compile cache {key}: not loaded ({type(error).__name__}: {error}); compiling without it", flush=True)
-        return 0
-    keys = artifact_keys(info)
-    _known.update(keys)
-    _loaded.update(keys)
-    print(f"compile cache {key}: loaded {len(keys)} artifacts", flush=True)
-    return len(keys)
+    blobs = blob_parts(Path(folder)) if folder and Path(folder).is_dir() else {}
+    total = 0
+    for key, parts in blobs.items():
+        if not key.startswith(prefix):
+            continue
+        numbers = [int(path.name.rpartition(SUFFIX)[2]) for path in parts]
+        try:
+            if numbers != list(range(len(parts))):
+                raise ValueError(f"parts {numbers} are not 0..{len(parts) - 1}")
+            blob = decompress(b"".join(path.read_bytes() for path in parts))
+            info = torch.compiler.load_cache_artifacts(blob)
+            if info is None:  # torch logs why (a checksum, another version) and returns nothing
+                raise ValueError("torch.compiler.load_cache_artifacts could not read it")
+        except Exception as error:  # a cache only saves time: compile as without it
+            print(f"compile cache {key}: not loaded ({type(error).__name__}: {error}); compiling without it",
+                  flush=True)
+            continue
+        keys = artifact_keys(info)
+        _loaded.update(keys)
+        total += len(keys)
+        print(f"compile cache {key}: loaded {len(keys)} artifacts", flush=True)
+    return total
 
 
 def save(key: str, folder: str | os.PathLike | None = None, part_bytes: int = PART_BYTES) -> list[Path]:
     """Write this process's compile artifacts as blob `key` in `folder` (default: $BENCH_COMPILE_CACHE_OUT) when they
-    hold any that was neither loaded nor saved before; returns the parts written (none when saving fails: printed)."""
+    hold any that was not loaded; returns the parts written (none when saving fails: printed). Once per process."""
+    global _saved
     folder = folder if folder is not None else os.environ.get("BENCH_COMPILE_CACHE_OUT")
     if not folder:
         return []
     if not _KEY.match(key):
-        raise ValueError(f"compile cache key {key!r}: use letters, digits, '.', '_' and '-' only")
+        raise ValueError(f"compile cache key {key!r}: use letters, digits, '.', '_' and '-' only (key_of makes one)")
+    if _saved:
+        raise RuntimeError("compile_cache.save runs once per process: torch's loader would keep only the artifacts "
+                           "of the last save (see the module docstring); save at the end of the script")
+    _saved = True
     try:
         saved = torch.compiler.save_cache_artifacts()
         if saved is None:
             return []
         blob, info = saved
         keys = artifact_keys(info)
-        if keys <= _known:
+        if keys <= _loaded:
             return []
         data = zlib.compress(blob, 6)
         folder = Path(folder)
@@ -130,7 +142,6 @@ def save(key: str, folder: str | os.PathLike | None = None, part_bytes: int = PA
     except Exception as error:  # the results are written already; a cache only saves time
         print(f"compile cache {key}: not saved ({type(error).__name__}: {error})", flush=True)
         return []
-    _known.update(keys)
     print(f"compile cache {key}: saved {len(keys)} artifacts, {len(data) / 2**20:.1f} MiB in {len(staged)} part(s)",
           flush=True)
     return [path for _, path in staged]
@@ -139,6 +150,12 @@ def save(key: str, folder: str | os.PathLike | None = None, part_bytes: int = PA
 def loaded_artifacts() -> int:
     """How many artifacts this process loaded (recorded in each bench row as `compile_cache`)."""
     return len(_loaded)
+
+
+def key_of(*names: str) -> str:
+    """A blob key from the names of a run (code, phase, variants), joined by '_': any other run of characters than
+    letters, digits, '.', '_' and '-' becomes '-', since a device call returns only files named in those."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(names))
 
 
 def take(returned: Path, into: Path) -> list[str]:

@@ -22,9 +22,10 @@ export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 BAR_PROGRESS=0 TORCHINDU
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
 quiet() { grep -v -i -e warn -e "^ *return F" -e "^ *warnings" ; }
-# Compile artifacts carried between machines (bench/compile_cache.py): every bench script loads its code's blob from
-# the carried .compile_cache/ and writes it back there with what it compiled; the blobs this call rewrote come back
-# under $OUT/compile_cache (put them into .compile_cache/ here with `python bench/compile_cache.py <folder>`).
+# Compile artifacts carried between machines (bench/compile_cache.py): every bench script loads the blobs of its code
+# from the carried .compile_cache/ and, at its end, writes there the blob of its kind of run (code, phase, variants)
+# if it compiled anything new; the blobs this call wrote come back under $OUT/compile_cache (put them into
+# .compile_cache/ here with `python bench/compile_cache.py <folder>`).
 ROOT=$PWD
 mkdir -p "$ROOT/.compile_cache"
 export BENCH_COMPILE_CACHE_IN=$ROOT/.compile_cache BENCH_COMPILE_CACHE_OUT=$ROOT/.compile_cache

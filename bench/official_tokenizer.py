@@ -207,7 +207,7 @@ def main() -> None:
     row["compile_cache"] = compile_cache.loaded_artifacts()
     print({key: value for key, value in row.items() if key not in ("profile", "memory")}, flush=True)
     write_results(args.out, {"machine": machine(), "rows": [row]})
-    compile_cache.save("official_tokenizer")
+    compile_cache.save(compile_cache.key_of("official_tokenizer", args.phase, "eager" if args.eager else "compiled"))
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ def main() -> None:
     row["compile_cache"] = compile_cache.loaded_artifacts()
     print({k: v for k, v in row.items() if k != "step_durations_s"}, flush=True)
     write_results(args.out, {"machine": machine(), "rows": [row]})
-    compile_cache.save("official_training")
+    compile_cache.save(compile_cache.key_of("official_training", args.config, "eager" if args.eager else "compiled"))
 
 
 if __name__ == "__main__":

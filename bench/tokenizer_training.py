@@ -187,10 +187,10 @@ def main() -> None:
             print({k: v for k, v in row.items() if k not in ("step_durations_s", "profile", "memory")}, flush=True)
             results["rows"].append(row)
             write_results(args.out, results)
-            compile_cache.save("ours_tokenizer")
     print(f"\ntokenizer training, {results['machine'].get('gpu')}, torch {torch.__version__}, bf16-mixed")
     print_table(results["rows"], ["phase", "variant", "batch", "images_per_s", "step_s", "peak_memory_gib", "tflops",
                                   "mfu_vs_bf16_peak", "first_steps_s", "error"])
+    compile_cache.save(compile_cache.key_of("ours_tokenizer", args.experiment, args.phases, args.variants))
 
 
 if __name__ == "__main__":

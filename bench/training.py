@@ -141,10 +141,10 @@ def main() -> None:
             print({k: v for k, v in row.items() if k != "profile"}, flush=True)
             results["rows"].append(row)
             write_results(args.out, results)
-            compile_cache.save("ours_training")
     print(f"\ntraining, {results['machine'].get('gpu')}, torch {torch.__version__}, bf16-mixed, AdamW, clip 1.0")
     print_table(results["rows"], ["experiment", "variant", "batch", "images_per_s", "median_step_s",
                                   "peak_memory_gib", "tflops", "mfu_vs_measured_bf16", "first_steps_s", "error"])
+    compile_cache.save(compile_cache.key_of("ours_training", args.experiments, args.variants))
 
 
 if __name__ == "__main__":

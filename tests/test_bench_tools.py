@@ -160,23 +160,27 @@ import compile_cache
 from torch._dynamo.utils import counters
 
 loaded = compile_cache.load("ours_training")
-model = torch.compile(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.LayerNorm(16)))
-model(torch.randn(4, 16)).sum().backward()
-written = compile_cache.save("ours_training", part_bytes={part_bytes})
+# Two runs in one process (as a bench with several variants), one save at the end.
+for layer in {layers}:
+    model = torch.compile(torch.nn.Sequential(torch.nn.Linear(16, 16), layer, torch.nn.LayerNorm(16)))
+    model(torch.randn(4, 16)).sum().backward()
+written = compile_cache.save({key!r}, part_bytes={part_bytes})
 print("RESULT", loaded, compile_cache.loaded_artifacts(), counters["inductor"]["fxgraph_cache_hit"],
       counters["inductor"]["fxgraph_cache_miss"], len(written))
 """
 
 
-def compile_in_fresh_process(tmp_path, name: str, cache_in, cache_out, part_bytes: int = 2**20) -> list[int]:
-    """Compile a small module in a new process with an empty Inductor cache of its own; returns what it printed:
-    artifacts loaded (twice: load's return and loaded_artifacts), FX-graph cache hits and misses, parts written."""
+def compile_in_fresh_process(tmp_path, name: str, cache_in, cache_out, key: str, layers: str,
+                             part_bytes: int = 2**20) -> list[int]:
+    """Compile small modules (`layers`: a Python tuple of activations) in a new process with an empty Inductor cache
+    of its own and save blob `key`; returns what it printed: artifacts loaded (twice: load's return and
+    loaded_artifacts), FX-graph cache hits and misses, parts written."""
     import os
     import subprocess
 
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor_{name}"),
            "BENCH_COMPILE_CACHE_IN": str(cache_in), "BENCH_COMPILE_CACHE_OUT": str(cache_out)}
-    script = COMPILE_AND_CACHE.format(bench=str(BENCH), part_bytes=part_bytes)
+    script = COMPILE_AND_CACHE.format(bench=str(BENCH), key=key, layers=layers, part_bytes=part_bytes)
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT"))
@@ -185,17 +189,69 @@ def compile_in_fresh_process(tmp_path, name: str, cache_in, cache_out, part_byte
 
 def test_compile_cache_carries_compiled_graphs_to_a_fresh_machine(tmp_path):
     carried = tmp_path / "carried"
+    both = "(torch.nn.GELU(), torch.nn.SiLU())"
     # First machine: nothing to load, everything compiled, saved in several parts (a call returns files <= 16 MiB).
-    loaded, _, hits, misses, parts = compile_in_fresh_process(tmp_path, "first", carried, carried, part_bytes=20_000)
+    loaded, _, hits, misses, parts = compile_in_fresh_process(tmp_path, "first", carried, carried, "ours_training_a",
+                                                              both, part_bytes=20_000)
     assert (loaded, hits) == (0, 0) and misses > 0 and parts > 1
     assert sorted(path.name for path in carried.iterdir()) == [
-        f"ours_training.megacache.zlib.{number:02d}" for number in range(parts)]
-    # Second machine (its own empty Inductor cache): every graph comes from the blob, and a save that adds nothing
-    # writes nothing.
+        f"ours_training_a.megacache.zlib.{number:02d}" for number in range(parts)]
+    # Second machine (its own empty Inductor cache): every graph of both runs comes from the blob, and a save that
+    # adds nothing writes nothing.
     returned = tmp_path / "returned"
-    loaded, recorded, hits, misses, parts = compile_in_fresh_process(tmp_path, "second", carried, returned)
-    assert loaded > 0 and recorded == loaded and hits > 0 and misses == 0 and parts == 0
+    loaded, recorded, hits, misses, parts = compile_in_fresh_process(tmp_path, "second", carried, returned,
+                                                                     "ours_training_a", both)
+    assert loaded > 0 and recorded == loaded and hits == 2 * 2 and misses == 0 and parts == 0
     assert not returned.exists()
+    # Third machine, another kind of run: loads the first blob by its prefix, compiles only what it lacks, and writes
+    # its own blob (torch re-saves only the loaded artifacts a process uses, hence a key per kind of run).
+    loaded, _, hits, misses, parts = compile_in_fresh_process(tmp_path, "third", carried, returned, "ours_training_b",
+                                                              "(torch.nn.GELU(), torch.nn.Tanh())")
+    assert loaded > 0 and hits == 2 and misses == 2 and parts == 1
+    assert [path.name for path in returned.iterdir()] == ["ours_training_b.megacache.zlib.00"]
+
+
+class FakeCacheInfo:
+    def __init__(self, keys: list[str]) -> None:
+        self.artifacts = {"inductor": keys}
+
+
+def test_compile_cache_loads_by_prefix_saves_once_and_skips_what_it_loaded(tmp_path, monkeypatch, capsys):
+    import pickle
+    import zlib
+
+    import compile_cache
+
+    monkeypatch.setattr(compile_cache, "_loaded", set())
+    monkeypatch.setattr(compile_cache, "_saved", False)
+    loaded_blobs: list[list[str]] = []
+
+    def fake_load(blob: bytes) -> FakeCacheInfo:
+        loaded_blobs.append(pickle.loads(blob))
+        return FakeCacheInfo(loaded_blobs[-1])
+
+    recorded = ["a", "b"]
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", fake_load)
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts",
+                        lambda: (pickle.dumps(recorded), FakeCacheInfo(recorded)))
+    folder = tmp_path / "carried"
+    folder.mkdir()
+    for key, keys in {"ours_tokenizer_generator": ["a"], "ours_tokenizer_gan": ["a", "b"],
+                      "official_tokenizer_generator": ["z"]}.items():
+        (folder / f"{key}.megacache.zlib.00").write_bytes(zlib.compress(pickle.dumps(keys)))
+    assert compile_cache.load("ours_tokenizer", folder) == 3
+    assert sorted(loaded_blobs) == [["a"], ["a", "b"]] and compile_cache.loaded_artifacts() == 2
+    # Every artifact of the process was loaded: nothing to write.
+    assert compile_cache.save("ours_tokenizer_gan", tmp_path / "out") == []
+    with pytest.raises(RuntimeError, match="once per process"):
+        compile_cache.save("ours_tokenizer_gan", tmp_path / "out")
+    monkeypatch.setattr(compile_cache, "_saved", False)
+    recorded.append("c")
+    (written,) = compile_cache.save(compile_cache.key_of("ours_tokenizer", "bar_fsq_16bits", "generator,gan", "default"),
+                                    tmp_path / "out")
+    assert written.name == "ours_tokenizer_bar_fsq_16bits_generator-gan_default.megacache.zlib.00"
+    assert pickle.loads(zlib.decompress(written.read_bytes())) == ["a", "b", "c"]
+    assert "saved 3 artifacts" in capsys.readouterr().out
 
 
 def test_compile_cache_refuses_truncated_or_incomplete_blobs_and_compiles_without_them(tmp_path, capsys):
@@ -232,6 +288,7 @@ def test_compile_cache_refuses_truncated_or_incomplete_blobs_and_compiles_withou
     assert capsys.readouterr().out == ""
     with pytest.raises(ValueError, match="'ours tokenizer'"):
         compile_cache.save("ours tokenizer", folder)
+    assert compile_cache.key_of("ours tokenizer", "a/b") == "ours-tokenizer_a-b"
 
 
 def test_returned_compile_cache_replaces_every_part_of_the_older_blob(tmp_path):
