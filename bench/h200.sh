@@ -49,19 +49,21 @@ gpu_tests_to_log() {
   tail -6 "$OUT/gpu_tests_full.log" | tee "$OUT/gpu_tests.log"
   echo "tests done at ${SECONDS} s"
 }
-# One tokenizer phase of one code (train.py's defaults for ours: compiled, CUDA graphs on one GPU; the official
-# compiled step), its JSON in $OUT/NAME.json, skipped when the limit leaves no time for it:
+# One tokenizer phase of one code (ours: train.py's defaults, compiled with CUDA graphs on one GPU, unless ARGS name
+# other `--variants`, which argparse takes over the first; the official compiled step), its JSON in $OUT/NAME.json,
+# skipped when the limit leaves no time for it; with --profile the printed tail holds the kernel table:
 # tokenizer_phase ours|official PHASE LIMIT_S NAME [ARGS...]
 tokenizer_phase() {
-  local code=$1 phase=$2 limit=$3 name=$4
+  local code=$1 phase=$2 limit=$3 name=$4 lines=4
   shift 4
   if [ "$limit" -lt 40 ]; then echo "$code $phase phase skipped: ${limit} s left"; return; fi
+  [[ " $* " == *" --profile "* ]] && lines=32
   if [ "$code" = ours ]; then
     (cd "$ROOT/bench" && timeout "$limit" python3 tokenizer_training.py --phases "$phase" --variants default "$@" \
-      --out "$OUT/$name.json" 2>&1 | quiet | tail -4)
+      --out "$OUT/$name.json" 2>&1 | quiet | tail -$lines)
   else
     (cd "$ROOT/bench" && timeout "$limit" python3 official_tokenizer.py --phase "$phase" "$@" --out "$OUT/$name.json" \
-      2>&1 | quiet | tail -3)
+      2>&1 | quiet | tail -$lines)
   fi
   echo "$code $phase phase done at ${SECONDS} s"
 }
@@ -74,9 +76,8 @@ left_of() {
 }
 # Ours' compiled tokenizer generator phase with its kernel profile, in the seconds left of the call's limit CALL_S.
 ours_generator_profile() {
-  (cd bench && timeout $((${1:-590} - 8 - SECONDS)) python3 tokenizer_training.py --phases generator --variants compile \
-    --profile --out "$OUT/tokenizer_training_compile_generator_profile.json" 2>&1 | quiet | tail -32)
-  echo "ours generator phase done at ${SECONDS} s"
+  tokenizer_phase ours generator $((${1:-590} - 8 - SECONDS)) tokenizer_training_compile_generator_profile \
+    --variants compile --profile
 }
 case "${1:-sampling}" in
   sampling)
@@ -246,27 +247,15 @@ case "${1:-sampling}" in
   tokenizer_generator_same_call)
     # Issue 16 item 1, the same-call ratio (fresh machine, cold compile cache for both codes): the official compiled
     # generator phase (~365 s cold), then ours compiled (the default, ~175 s cold) with the time left.
-    cd bench
-    timeout 410 python3 official_tokenizer.py --phase generator --out "$OUT/official_tokenizer_compiled_generator_3.json" \
-      2>&1 | quiet | tail -2
-    echo "official generator phase done at ${SECONDS} s"
-    left=$((592 - SECONDS))
-    timeout $left python3 tokenizer_training.py --phases generator --variants compile \
-      --out "$OUT/tokenizer_training_compile_generator_3.json" 2>&1 | quiet | tail -2
-    echo "ours generator phase done at ${SECONDS} s"
+    tokenizer_phase official generator 410 official_tokenizer_compiled_generator_3
+    tokenizer_phase ours generator "$(left_of 604)" tokenizer_training_compile_generator_3 --variants compile
     ;;
   tokenizer_gan_same_call)
     # Issue 16 item 1, G/D phase, after tokenizer_generator_same_call on the same warm machine (the autoencoder
     # graphs of both codes cached): ours compiled first (its first steps took 60 s after the generator phase), then
     # the official compiled G/D phase with all the time left (it did not reach a timed step in 125 s).
-    cd bench
-    timeout 200 python3 tokenizer_training.py --phases gan --variants compile \
-      --out "$OUT/tokenizer_training_compile_gan_3.json" 2>&1 | quiet | tail -2
-    echo "ours G/D phase done at ${SECONDS} s"
-    left=$((592 - SECONDS))
-    timeout $left python3 official_tokenizer.py --phase gan --out "$OUT/official_tokenizer_compiled_gan_3.json" \
-      2>&1 | quiet | tail -2
-    echo "official G/D phase done at ${SECONDS} s"
+    tokenizer_phase ours gan 200 tokenizer_training_compile_gan_3 --variants compile
+    tokenizer_phase official gan "$(left_of 604)" official_tokenizer_compiled_gan_3
     ;;
   tokenizer_profile_same_call)
     # Issue 16 item 1 again, now that bench/tokenizer_training.py sets the config's float32 matmul precision (TF32,
@@ -275,14 +264,8 @@ case "${1:-sampling}" in
     # generator phase (~240 s), then ours (~175 s). First the tokenizer GPU tests (~80 s): the G and D steps now hand
     # their losses to the non-finite-loss callback (the fused AdamW's found_inf, no host read per step).
     timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_tokenizer.py 2>&1 | tail -3 | tee "$OUT/gpu_tokenizer_tests.log"
-    cd bench
-    timeout 330 python3 official_tokenizer.py --phase generator --profile \
-      --out "$OUT/official_tokenizer_compiled_generator_profile.json" 2>&1 | quiet | tail -30
-    echo "official generator phase done at ${SECONDS} s"
-    left=$((592 - SECONDS))
-    timeout $left python3 tokenizer_training.py --phases generator --variants compile --profile \
-      --out "$OUT/tokenizer_training_compile_generator_profile.json" 2>&1 | quiet | tail -32
-    echo "ours generator phase done at ${SECONDS} s"
+    tokenizer_phase official generator 330 official_tokenizer_compiled_generator_profile --profile
+    tokenizer_phase ours generator "$(left_of 604)" tokenizer_training_compile_generator_profile --variants compile --profile
     ;;
   tokenizer_gan_and_levers)
     # After tokenizer_profile_same_call on the same warm machine: ours G/D phase with its profile, then with the
@@ -337,24 +320,15 @@ case "${1:-sampling}" in
   tokenizer_graphs_generator_same_call)
     # After tokenizer_cuda_graphs on the same warm machine (ours' graphs cached): the official compiled generator
     # phase (cold cache for it, ~280 s), then ours with CUDA graphs (~75 s warm), one call (2026-12-07: 354 s).
-    cd bench
-    timeout 400 python3 official_tokenizer.py --phase generator --out "$OUT/official_tokenizer_compiled_generator_graphs_call.json" \
-      2>&1 | quiet | tail -2
-    echo "official generator phase done at ${SECONDS} s"
-    timeout $((585 - SECONDS)) python3 tokenizer_training.py --phases generator --variants compile+cuda_graphs \
-      --out "$OUT/tokenizer_training_cuda_graphs_generator_same_call.json" 2>&1 | quiet | tail -3
-    echo "ours generator phase done at ${SECONDS} s"
+    tokenizer_phase official generator 400 official_tokenizer_compiled_generator_graphs_call
+    tokenizer_phase ours generator "$(left_of 597)" tokenizer_training_cuda_graphs_generator_same_call \
+      --variants compile+cuda_graphs
     ;;
   tokenizer_graphs_gan_same_call)
     # After tokenizer_graphs_generator_same_call (autoencoder graphs of both codes cached): ours' G/D phase with CUDA
     # graphs (~130 s), then the official compiled G/D phase (~205 s), one call (2026-12-07: 337 s).
-    cd bench
-    timeout 210 python3 tokenizer_training.py --phases gan --variants compile+cuda_graphs \
-      --out "$OUT/tokenizer_training_cuda_graphs_gan_same_call.json" 2>&1 | quiet | tail -3
-    echo "ours G/D phase done at ${SECONDS} s"
-    timeout $((585 - SECONDS)) python3 official_tokenizer.py --phase gan --out "$OUT/official_tokenizer_compiled_gan_graphs_call.json" \
-      2>&1 | quiet | tail -2
-    echo "official G/D phase done at ${SECONDS} s"
+    tokenizer_phase ours gan 210 tokenizer_training_cuda_graphs_gan_same_call --variants compile+cuda_graphs
+    tokenizer_phase official gan "$(left_of 597)" official_tokenizer_compiled_gan_graphs_call
     ;;
   sync_free_tests_and_ours)
     # The steps without a host-device wait (host numbers logged as device tensors, the EMA's count read from the
@@ -395,24 +369,14 @@ case "${1:-sampling}" in
     # limit cut ours' compilation short): ours' default generator phase with its kernel profile of two steps after
     # the timed ones, then the official compiled generator phase with the time left (cold cache for it: 240-354 s to
     # its first timed step on 2026-12-07), one call, both timed by stream events.
-    cd bench
-    timeout 250 python3 tokenizer_training.py --phases generator --variants default --profile \
-      --out "$OUT/tokenizer_training_default_generator_same_call.json" 2>&1 | quiet | tail -32
-    echo "ours generator phase done at ${SECONDS} s"
-    timeout $((588 - SECONDS)) python3 official_tokenizer.py --phase generator \
-      --out "$OUT/official_tokenizer_compiled_generator_events.json" 2>&1 | quiet | tail -2
-    echo "official generator phase done at ${SECONDS} s"
+    tokenizer_phase ours generator 250 tokenizer_training_default_generator_same_call --profile
+    tokenizer_phase official generator "$(left_of 600)" official_tokenizer_compiled_generator_events
     ;;
   default_gan_same_call)
     # After default_generator_same_call (autoencoder graphs of both codes cached): ours' default G/D phase (~130 s),
     # then the official compiled G/D phase (~205 s), one call, both timed by stream events.
-    cd bench
-    timeout 230 python3 tokenizer_training.py --phases gan --variants default \
-      --out "$OUT/tokenizer_training_default_gan_same_call.json" 2>&1 | quiet | tail -3
-    echo "ours G/D phase done at ${SECONDS} s"
-    timeout $((588 - SECONDS)) python3 official_tokenizer.py --phase gan --out "$OUT/official_tokenizer_compiled_gan_events.json" \
-      2>&1 | quiet | tail -2
-    echo "official G/D phase done at ${SECONDS} s"
+    tokenizer_phase ours gan 230 tokenizer_training_default_gan_same_call
+    tokenizer_phase official gan "$(left_of 600)" official_tokenizer_compiled_gan_events
     ;;
   ours_tokenizer_cache)
     # A fresh machine (and no carried blob of ours): ours' default generator phase from a cold cache (215 to more than
