@@ -12,15 +12,19 @@ the FX-graph, AOTAutograd and Triton-kernel artifacts of the process) removes th
   from another torch fails with a printed warning and the run compiles as without it: the cache saves time, never
   changes what runs. Blobs are pickles: load only those your own runs wrote.
 * `BENCH_COMPILE_CACHE_OUT=<dir>`: at the end of a script, `save(key)` writes what the process compiled or took from
-  the cache as `<key>.megacache.zlib.NN` (zlib, split into parts of at most `PART_BYTES`, since a device call returns
-  files of at most 16 MiB), unless every artifact of it was loaded. The key names the run (code, phase, variants):
+  the cache as `<key>.megacache.xz.NN` (xz at a fast preset, split into parts of at most `PART_BYTES`, since a device
+  call returns files of at most 16 MiB), unless every artifact of it was loaded. The key names the run (code, phase, variants):
   torch re-saves only the loaded artifacts a process used, so one blob per kind of run keeps each complete. Once per
   process: torch serialises a second time by appending, and its loader keeps only the last batch of each kind of
   artifact (`CacheArtifactManager.deserialize` builds a dict), which would silently drop the first.
   bench/h200.sh uses the carried `.compile_cache/` as both folders and returns the blobs a call wrote under
   `$OUT/compile_cache`.
 * `python bench/compile_cache.py <returned folder>` puts returned blobs into `.compile_cache/` (git-ignored), replacing
-  the older blob of each key; carry it (`carry: [".whl", ".upstream", ".compile_cache"]`).
+  the older blob of each key, compressed again at xz's strongest preset (a call carries at most 64 MiB, the wheels
+  take 26 of them); carry it (`carry: [".whl", ".upstream", ".compile_cache"]`). Measured on the blob of ours'
+  full-size G/D phase (2026-12-07, 137.7 MiB of artifacts): zlib level 6 20.3 MiB; xz preset 1 10.3 MiB (3.4 s on
+  the 2-core development machine), preset 9e 5.5 MiB (76 s there). Blobs of the zlib format written before then
+  (`<key>.megacache.zlib.NN`) are converted by the same command.
 
 Artifacts are keyed by torch, Triton and the GPU (a blob written on an H100 misses on an H200) and by the graphs, so a
 code change recompiles what it touches. The timed steps do not depend on where their kernels came from; `first_steps_s`
@@ -30,9 +34,10 @@ does, and every row records `compile_cache` (the artifacts loaded) to say so.
 from __future__ import annotations
 
 import argparse
+import lzma
 import os
 import re
-import shutil
+import time
 import zlib
 from collections import defaultdict
 from pathlib import Path
@@ -41,7 +46,10 @@ from typing import Any
 import torch
 
 PART_BYTES = 15 * 2**20
-SUFFIX = ".megacache.zlib."
+SUFFIX = ".megacache.xz."
+ZLIB_SUFFIX = ".megacache.zlib."  # the format before 2026-12-07's eighth session; take() converts it
+SAVE_PRESET = 1  # at the end of a device run, inside its time limit
+CARRY_PRESET = 9 | lzma.PRESET_EXTREME  # on the development machine, for the 64 MiB a call carries
 _KEY = re.compile(r"^[A-Za-z0-9._-]+$")
 
 # Artifact keys loaded by this process (a save that adds none writes nothing), and whether it saved already.
@@ -54,25 +62,55 @@ def artifact_keys(info: Any) -> set[str]:
     return {f"{kind}/{key}" for kind, keys in getattr(info, "artifacts", {}).items() for key in keys}
 
 
-def blob_parts(folder: Path) -> dict[str, list[Path]]:
-    """The parts of every blob in `folder`, by key, in order."""
-    parts: dict[str, list[Path]] = defaultdict(list)
-    for path in sorted(folder.glob(f"*{SUFFIX}*")):
-        key, _, number = path.name.rpartition(SUFFIX)
+def blob_parts(folder: Path, suffix: str = SUFFIX) -> dict[str, list[Path]]:
+    """The parts of every blob in `folder` (of the format `suffix` names), by key, in order."""
+    numbered: dict[str, list[tuple[int, Path]]] = defaultdict(list)
+    for path in folder.glob(f"*{suffix}*"):
+        key, _, number = path.name.rpartition(suffix)
         if number.isdigit():
-            parts[key].append(path)
-    return dict(parts)
+            numbered[key].append((int(number), path))
+    # By number, not by name: part 100 comes after part 99, not after part 10.
+    return {key: [path for _, path in sorted(paths)] for key, paths in sorted(numbered.items())}
 
 
-def decompress(data: bytes) -> bytes:
-    """The one zlib stream of `data`, refusing a truncated stream or bytes after its end (a part of another blob)."""
-    stream = zlib.decompressobj()
+def decompress(data: bytes, suffix: str = SUFFIX) -> bytes:
+    """The one xz (or, for `ZLIB_SUFFIX`, zlib) stream of `data`, refusing a truncated or corrupt stream and bytes
+    after its end (a part of another blob)."""
+    name = "zlib" if suffix == ZLIB_SUFFIX else "xz"
+    stream = zlib.decompressobj() if suffix == ZLIB_SUFFIX else lzma.LZMADecompressor(lzma.FORMAT_XZ)
     blob = stream.decompress(data)
     if not stream.eof:
-        raise ValueError("the zlib stream is truncated (a part is missing or cut short)")
+        raise ValueError(f"the {name} stream is truncated (a part is missing or cut short)")
     if stream.unused_data:
-        raise ValueError(f"{len(stream.unused_data)} bytes follow the zlib stream (a part of another blob)")
+        raise ValueError(f"{len(stream.unused_data)} bytes follow the {name} stream (a part of another blob)")
     return blob
+
+
+def read_blob(parts: list[Path], suffix: str = SUFFIX) -> bytes:
+    """The artifacts of one blob from its parts, which must be numbered 0..n-1 (see `decompress` for the rest)."""
+    numbers = [int(path.name.rpartition(suffix)[2]) for path in parts]
+    if numbers != list(range(len(parts))):
+        raise ValueError(f"parts {numbers} are not 0..{len(parts) - 1}")
+    return decompress(b"".join(path.read_bytes() for path in parts), suffix)
+
+
+def write_blob(folder: Path, key: str, data: bytes, part_bytes: int = PART_BYTES) -> list[Path]:
+    """Write the compressed blob `data` as the parts of `key` in `folder`, replacing every older part of that key (of
+    either format). All parts are written before the old ones go: a process killed meanwhile leaves the old blob or
+    a truncated new one, which load() refuses."""
+    folder.mkdir(parents=True, exist_ok=True)
+    staged = []
+    for number, start in enumerate(range(0, len(data), part_bytes)):
+        path = folder / f"{key}{SUFFIX}{number:02d}"
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_bytes(data[start : start + part_bytes])
+        staged.append((temporary, path))
+    for suffix in (SUFFIX, ZLIB_SUFFIX):
+        for stale in blob_parts(folder, suffix).get(key, []):
+            stale.unlink()
+    for temporary, path in staged:
+        os.replace(temporary, path)
+    return [path for _, path in staged]
 
 
 def load(prefix: str, folder: str | os.PathLike | None = None) -> int:
@@ -84,11 +122,8 @@ def load(prefix: str, folder: str | os.PathLike | None = None) -> int:
     for key, parts in blobs.items():
         if not key.startswith(prefix):
             continue
-        numbers = [int(path.name.rpartition(SUFFIX)[2]) for path in parts]
         try:
-            if numbers != list(range(len(parts))):
-                raise ValueError(f"parts {numbers} are not 0..{len(parts) - 1}")
-            blob = decompress(b"".join(path.read_bytes() for path in parts))
+            blob = read_blob(parts)
             info = torch.compiler.load_cache_artifacts(blob)
             if info is None:  # torch logs why (a checksum, another version) and returns nothing
                 raise ValueError("torch.compiler.load_cache_artifacts could not read it")
@@ -124,27 +159,14 @@ def save(key: str, folder: str | os.PathLike | None = None, part_bytes: int = PA
         keys = artifact_keys(info)
         if keys <= _loaded:
             return []
-        data = zlib.compress(blob, 6)
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        # All parts are written before the old ones go: a run killed meanwhile leaves the old blob or a truncated
-        # new one, which load() refuses.
-        staged = []
-        for number, start in enumerate(range(0, len(data), part_bytes)):
-            path = folder / f"{key}{SUFFIX}{number:02d}"
-            temporary = path.with_name(path.name + ".tmp")
-            temporary.write_bytes(data[start : start + part_bytes])
-            staged.append((temporary, path))
-        for stale in blob_parts(folder).get(key, []):
-            stale.unlink()
-        for temporary, path in staged:
-            os.replace(temporary, path)
+        data = lzma.compress(blob, preset=SAVE_PRESET)
+        written = write_blob(Path(folder), key, data, part_bytes)
     except Exception as error:  # the results are written already; a cache only saves time
         print(f"compile cache {key}: not saved ({type(error).__name__}: {error})", flush=True)
         return []
-    print(f"compile cache {key}: saved {len(keys)} artifacts, {len(data) / 2**20:.1f} MiB in {len(staged)} part(s)",
+    print(f"compile cache {key}: saved {len(keys)} artifacts, {len(data) / 2**20:.1f} MiB in {len(written)} part(s)",
           flush=True)
-    return [path for _, path in staged]
+    return written
 
 
 def loaded_artifacts() -> int:
@@ -158,16 +180,23 @@ def key_of(*names: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(names))
 
 
-def take(returned: Path, into: Path) -> list[str]:
-    """Replace the blobs of `into` by those of `returned` (a device call's $OUT/compile_cache), key by key: a key's old
-    parts all go, so a blob that shrank leaves no part behind. Returns the keys taken."""
-    into.mkdir(parents=True, exist_ok=True)
+def take(returned: Path, into: Path, preset: int = CARRY_PRESET, part_bytes: int = PART_BYTES) -> list[str]:
+    """Replace the blobs of `into` by those of `returned` (a device call's $OUT/compile_cache), key by key, compressed
+    again at `preset`: a key's old parts all go, so a blob that shrank leaves no part behind. A zlib blob of the
+    earlier format is converted (an xz blob of the same key wins). A returned blob that cannot be read is reported
+    and left out, and the carried blob of its key stays. Returns the keys taken."""
+    returned_blobs = {key: (parts, ZLIB_SUFFIX) for key, parts in blob_parts(returned, ZLIB_SUFFIX).items()}
+    returned_blobs.update({key: (parts, SUFFIX) for key, parts in blob_parts(returned).items()})
     taken = []
-    for key, parts in sorted(blob_parts(returned).items()):
-        for stale in blob_parts(into).get(key, []):
-            stale.unlink()
-        for path in parts:
-            shutil.copyfile(path, into / path.name)
+    for key, (parts, suffix) in sorted(returned_blobs.items()):
+        try:
+            blob = read_blob(parts, suffix)
+        except (ValueError, lzma.LZMAError, zlib.error) as error:
+            print(f"{key}: not taken ({type(error).__name__}: {error}); the carried blob of this key, if any, stays")
+            continue
+        started = time.perf_counter()
+        write_blob(into, key, lzma.compress(blob, preset=preset), part_bytes)
+        print(f"{key}: {len(blob) / 2**20:.1f} MiB of artifacts compressed in {time.perf_counter() - started:.0f} s")
         taken.append(key)
     return taken
 

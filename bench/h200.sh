@@ -10,7 +10,8 @@
 #                      tokenizer_graphs_generator_same_call | tokenizer_graphs_gan_same_call | evaluation_peak_memory |
 #                      sync_free_tests_and_ours LIMIT_S | default_generator_same_call | default_gan_same_call |
 #                      sync_tests_and_ours_profile LIMIT_S | sync_tests LIMIT_S | ours_tokenizer_cache LIMIT_S |
-#                      official_tokenizer_cache LIMIT_S | official_cache_then_ours LIMIT_S | tokenizer_same_call LIMIT_S
+#                      official_tokenizer_cache LIMIT_S | official_cache_then_ours LIMIT_S | tokenizer_same_call LIMIT_S |
+#                      training_levers_same_call LIMIT_S
 # Needs the wheels of ../shared/tools/device-wheels.sh in .whl (Hydra, webdataset, torch-fidelity); official_tokenizer
 # also the official requirements (transformers 4.56.1, timm, accelerate and theirs) there and the official code
 # exported to .upstream/bar (bench/official_tokenizer.py says how).
@@ -32,7 +33,7 @@ export BENCH_COMPILE_CACHE_IN=$ROOT/.compile_cache BENCH_COMPILE_CACHE_OUT=$ROOT
 touch /tmp/h200_call_start
 return_compile_caches() {
   local rewritten
-  rewritten=$(find "$ROOT/.compile_cache" -name '*.megacache.zlib.[0-9]*' ! -name '*.tmp' -newer /tmp/h200_call_start)
+  rewritten=$(find "$ROOT/.compile_cache" -name '*.megacache.xz.[0-9]*' ! -name '*.tmp' -newer /tmp/h200_call_start)
   [ -z "$rewritten" ] && return
   mkdir -p "$OUT/compile_cache" && cp $rewritten "$OUT/compile_cache/"
   ls -l "$OUT/compile_cache"
@@ -73,6 +74,20 @@ left_of() {
   local left=$((${1:-590} - 12 - SECONDS))
   [ -n "${2:-}" ] && [ "$2" -lt "$left" ] && left=$2
   echo "$left"
+}
+# One BAR-B training run of one code (ours: bench/training.py with VARIANT, batch 128; the official compiled step), its
+# JSON in $OUT/NAME.json, skipped when the limit leaves no time for it: training_run ours|official LIMIT_S NAME [VARIANT]
+training_run() {
+  local code=$1 limit=$2 name=$3 variant=${4:-compile}
+  if [ "$limit" -lt 40 ]; then echo "$code $variant skipped: ${limit} s left"; return; fi
+  if [ "$code" = ours ]; then
+    (cd "$ROOT/bench" && timeout "$limit" python3 training.py --experiments bar_b --variants "$variant" \
+      --out "$OUT/$name.json" 2>&1 | quiet | tail -3)
+  else
+    (cd "$ROOT/bench" && timeout "$limit" python3 official_training.py --config bar_b --out "$OUT/$name.json" 2>&1 \
+      | quiet | tail -2)
+  fi
+  echo "$code $variant done at ${SECONDS} s"
 }
 # Ours' compiled tokenizer generator phase with its kernel profile, in the seconds left of the call's limit CALL_S.
 ours_generator_profile() {
@@ -411,6 +426,19 @@ case "${1:-sampling}" in
     tokenizer_phase official generator "$(left_of "${2:-590}" 170)" official_tokenizer_generator_same_call
     tokenizer_phase ours gan "$(left_of "${2:-590}" 150)" ours_tokenizer_gan_same_call
     tokenizer_phase official gan "$(left_of "${2:-590}")" official_tokenizer_gan_same_call
+    ;;
+  training_levers_same_call)
+    # Issue 16 item 6 with the carried blobs of training_side_by_side (2026-12-07, eighth session; ours' and the
+    # official's first steps 14 s with them): ours' default step and the official compiled step, then the levers in
+    # the same call, each in its own process and from a cold cache: coordinate-descent tuning with CUDA graphs
+    # (301.5 s to its first timed step on 2026-12-06) and Inductor's C++ wrapper (without graphs: compare with
+    # compile+no_cuda_graphs), with the time left of the call's limit ${2}.
+    training_run ours "$(left_of "${2:-590}" 90)" training_bar_b_default_levers_call compile
+    training_run official "$(left_of "${2:-590}" 100)" official_training_bar_b_levers_call
+    training_run ours "$(left_of "${2:-590}" 380)" training_bar_b_cuda_graphs_coordinate_descent \
+      compile+cuda_graphs+coordinate_descent
+    training_run ours "$(left_of "${2:-590}" 150)" training_bar_b_no_cuda_graphs compile+no_cuda_graphs
+    training_run ours "$(left_of "${2:-590}")" training_bar_b_cpp_wrapper compile+cpp_wrapper
     ;;
   evaluation_50k)
     # Issue 16 item 4 for real: evaluate.py over 50,000 samples (BAR-B fp32, batch 500, every metric), a progress

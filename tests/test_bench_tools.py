@@ -195,7 +195,7 @@ def test_compile_cache_carries_compiled_graphs_to_a_fresh_machine(tmp_path):
                                                               both, part_bytes=20_000)
     assert (loaded, hits) == (0, 0) and misses > 0 and parts > 1
     assert sorted(path.name for path in carried.iterdir()) == [
-        f"ours_training_a.megacache.zlib.{number:02d}" for number in range(parts)]
+        f"ours_training_a.megacache.xz.{number:02d}" for number in range(parts)]
     # Second machine (its own empty Inductor cache): every graph of both runs comes from the blob, and a save that
     # adds nothing writes nothing.
     returned = tmp_path / "returned"
@@ -208,7 +208,7 @@ def test_compile_cache_carries_compiled_graphs_to_a_fresh_machine(tmp_path):
     loaded, _, hits, misses, parts = compile_in_fresh_process(tmp_path, "third", carried, returned, "ours_training_b",
                                                               "(torch.nn.GELU(), torch.nn.Tanh())")
     assert loaded > 0 and hits == 2 and misses == 2 and parts == 1
-    assert [path.name for path in returned.iterdir()] == ["ours_training_b.megacache.zlib.00"]
+    assert [path.name for path in returned.iterdir()] == ["ours_training_b.megacache.xz.00"]
 
 
 class FakeCacheInfo:
@@ -217,8 +217,8 @@ class FakeCacheInfo:
 
 
 def test_compile_cache_loads_by_prefix_saves_once_and_skips_what_it_loaded(tmp_path, monkeypatch, capsys):
+    import lzma
     import pickle
-    import zlib
 
     import compile_cache
 
@@ -238,7 +238,7 @@ def test_compile_cache_loads_by_prefix_saves_once_and_skips_what_it_loaded(tmp_p
     folder.mkdir()
     for key, keys in {"ours_tokenizer_generator": ["a"], "ours_tokenizer_gan": ["a", "b"],
                       "official_tokenizer_generator": ["z"]}.items():
-        (folder / f"{key}.megacache.zlib.00").write_bytes(zlib.compress(pickle.dumps(keys)))
+        (folder / f"{key}.megacache.xz.00").write_bytes(lzma.compress(pickle.dumps(keys)))
     assert compile_cache.load("ours_tokenizer", folder) == 3
     assert sorted(loaded_blobs) == [["a"], ["a", "b"]] and compile_cache.loaded_artifacts() == 2
     # Every artifact of the process was loaded: nothing to write.
@@ -249,36 +249,41 @@ def test_compile_cache_loads_by_prefix_saves_once_and_skips_what_it_loaded(tmp_p
     recorded.append("c")
     (written,) = compile_cache.save(compile_cache.key_of("ours_tokenizer", "bar_fsq_16bits", "generator,gan", "default"),
                                     tmp_path / "out")
-    assert written.name == "ours_tokenizer_bar_fsq_16bits_generator-gan_default.megacache.zlib.00"
-    assert pickle.loads(zlib.decompress(written.read_bytes())) == ["a", "b", "c"]
+    assert written.name == "ours_tokenizer_bar_fsq_16bits_generator-gan_default.megacache.xz.00"
+    assert pickle.loads(lzma.decompress(written.read_bytes())) == ["a", "b", "c"]
     assert "saved 3 artifacts" in capsys.readouterr().out
 
 
 def test_compile_cache_refuses_truncated_or_incomplete_blobs_and_compiles_without_them(tmp_path, capsys):
-    import zlib
+    import lzma
 
     import compile_cache
 
     folder = tmp_path / "carried"
     folder.mkdir()
-    data = zlib.compress(b"x" * 100_000)
-    (folder / "ours_tokenizer.megacache.zlib.00").write_bytes(data[: len(data) // 2])
+    data = lzma.compress(bytes(range(256)) * 400)
+    (folder / "ours_tokenizer.megacache.xz.00").write_bytes(data[: len(data) // 2])
     assert compile_cache.load("ours_tokenizer", folder) == 0
-    assert "ours_tokenizer: not loaded (ValueError: the zlib stream is truncated" in capsys.readouterr().out
+    assert "ours_tokenizer: not loaded (ValueError: the xz stream is truncated" in capsys.readouterr().out
     # A part missing in the middle.
-    (folder / "ours_tokenizer.megacache.zlib.02").write_bytes(data[len(data) // 2 :])
+    (folder / "ours_tokenizer.megacache.xz.02").write_bytes(data[len(data) // 2 :])
     assert compile_cache.load("ours_tokenizer", folder) == 0
     assert "parts [0, 2] are not 0..1" in capsys.readouterr().out
     # Whole, with the last part of a longer older blob left behind.
-    (folder / "ours_tokenizer.megacache.zlib.00").write_bytes(data)
-    (folder / "ours_tokenizer.megacache.zlib.01").write_bytes(data[-40:])
-    (folder / "ours_tokenizer.megacache.zlib.02").unlink()
+    (folder / "ours_tokenizer.megacache.xz.00").write_bytes(data)
+    (folder / "ours_tokenizer.megacache.xz.01").write_bytes(data[-40:])
+    (folder / "ours_tokenizer.megacache.xz.02").unlink()
     assert compile_cache.load("ours_tokenizer", folder) == 0
-    assert "40 bytes follow the zlib stream" in capsys.readouterr().out
+    assert "40 bytes follow the xz stream" in capsys.readouterr().out
+    # A byte flipped inside the stream: xz's checksum catches it.
+    (folder / "ours_tokenizer.megacache.xz.01").unlink()
+    (folder / "ours_tokenizer.megacache.xz.00").write_bytes(data[:60] + bytes([data[60] ^ 0xFF]) + data[61:])
+    assert compile_cache.load("ours_tokenizer", folder) == 0
+    assert "ours_tokenizer: not loaded (LZMAError" in capsys.readouterr().out
     # Whole but not a compile cache.
     for path in folder.iterdir():
         path.unlink()
-    (folder / "ours_tokenizer.megacache.zlib.00").write_bytes(data)
+    (folder / "ours_tokenizer.megacache.xz.00").write_bytes(data)
     assert compile_cache.load("ours_tokenizer", folder) == 0
     assert "ours_tokenizer: not loaded (ValueError: torch.compiler.load_cache_artifacts could not read it)" in (
         capsys.readouterr().out)
@@ -291,18 +296,35 @@ def test_compile_cache_refuses_truncated_or_incomplete_blobs_and_compiles_withou
     assert compile_cache.key_of("ours tokenizer", "a/b") == "ours-tokenizer_a-b"
 
 
-def test_returned_compile_cache_replaces_every_part_of_the_older_blob(tmp_path):
+def test_returned_compile_cache_replaces_every_part_of_the_older_blob(tmp_path, capsys):
+    import lzma
+    import zlib
+
     import compile_cache
 
     carried, returned = tmp_path / "carried", tmp_path / "returned"
     carried.mkdir()
     returned.mkdir()
-    for number in range(3):  # an older blob of three parts, and another key that stays
-        (carried / f"ours_tokenizer.megacache.zlib.{number:02d}").write_bytes(b"old")
-    (carried / "official_tokenizer.megacache.zlib.00").write_bytes(b"official")
-    for number in range(2):
-        (returned / f"ours_tokenizer.megacache.zlib.{number:02d}").write_bytes(b"new")
-    assert compile_cache.take(returned, carried) == ["ours_tokenizer"]
-    assert {path.name: path.read_bytes() for path in carried.iterdir()} == {
-        "ours_tokenizer.megacache.zlib.00": b"new", "ours_tokenizer.megacache.zlib.01": b"new",
-        "official_tokenizer.megacache.zlib.00": b"official"}
+    for number in range(3):  # an older blob of three parts, and other keys that stay
+        (carried / f"ours_tokenizer.megacache.xz.{number:02d}").write_bytes(b"old")
+    (carried / "official_tokenizer.megacache.xz.00").write_bytes(b"official")
+    (carried / "ours_training.megacache.xz.00").write_bytes(b"older training")
+    new = b" ".join(str(number * number).encode() for number in range(20_000))
+    compile_cache.write_blob(returned, "ours_tokenizer", lzma.compress(new, preset=0), part_bytes=1000)
+    # A blob of the earlier zlib format is converted; a returned blob cut short is left out and the carried one stays.
+    (returned / "official_training.megacache.zlib.00").write_bytes(zlib.compress(b"zlib blob"))
+    cut = lzma.compress(b"training" * 1000)
+    (returned / "ours_training.megacache.xz.00").write_bytes(cut[:-20])
+    assert compile_cache.take(returned, carried, part_bytes=100) == ["official_training", "ours_tokenizer"]
+    assert "ours_training: not taken (ValueError: the xz stream is truncated" in capsys.readouterr().out
+    parts = compile_cache.blob_parts(carried)
+    assert sorted(parts) == ["official_tokenizer", "official_training", "ours_tokenizer", "ours_training"]
+    assert [path.name for path in parts["ours_tokenizer"]] == [
+        f"ours_tokenizer.megacache.xz.{number:02d}" for number in range(len(parts["ours_tokenizer"]))]
+    # Compressed again at the strongest preset: smaller than the returned fast one, the same artifacts.
+    assert sum(path.stat().st_size for path in parts["ours_tokenizer"]) < len(lzma.compress(new, preset=0))
+    assert compile_cache.read_blob(parts["ours_tokenizer"]) == new
+    assert compile_cache.read_blob(parts["official_training"]) == b"zlib blob"
+    assert parts["official_tokenizer"][0].read_bytes() == b"official"
+    assert parts["ours_training"][0].read_bytes() == b"older training"
+    assert not list(carried.glob("*.zlib.*")) and not list(carried.glob("*.tmp"))
