@@ -119,7 +119,7 @@ def kernel_table(prof: Any, on_cuda: bool, top: int = 25) -> dict[str, Any]:
 
 
 def print_kernel_table(profile: dict[str, Any]) -> None:
-    print("profile:", {k: v for k, v in profile.items() if k != "top_kernels"}, flush=True)
+    print("profile:", {k: v for k, v in profile.items() if k not in ("top_kernels", "triton_sources")}, flush=True)
     for row in profile["top_kernels"]:
         print(f"  {row['total_s']:8.4f} s {row['calls']:7d} x {row['mean_us']:8.1f} us  {row['kernel'][:100]}")
 
@@ -133,13 +133,48 @@ def start_profiler() -> Any:
     return profiler
 
 
-def finish_profiler(profiler: Any, profiled_steps: int) -> dict[str, Any]:
-    """Stop an entered profiler (after the device finished its work) and return its `kernel_table`."""
+def finish_profiler(profiler: Any, profiled_steps: int, sources: int = 8) -> dict[str, Any]:
+    """Stop an entered profiler (after the device finished its work) and return its `kernel_table`, with the source
+    of its `sources` costliest Triton kernels (`triton_sources`) on a GPU."""
     synchronize()
     profiler.__exit__(None, None, None)
     table = kernel_table(profiler, torch.cuda.is_available())
     table["profiled_steps"] = profiled_steps
+    if torch.cuda.is_available() and sources:
+        triton = [row["kernel"] for row in table["top_kernels"] if row["kernel"].startswith("triton_")][:sources]
+        try:
+            table["triton_sources"] = triton_kernel_sources(triton)
+        except Exception as error:  # a diagnostic: the timed rows must still be written
+            table["triton_sources"] = {"error": [f"{type(error).__name__}: {error}"]}
     return table
+
+
+def triton_kernel_sources(names: list[str], cache_dir: str | Path | None = None,
+                          per_kernel: int = 2) -> dict[str, list[str]]:
+    """The source of each named Inductor Triton kernel, read from Inductor's cache (`cache_dir`, default the
+    process's: TORCHINDUCTOR_CACHE_DIR), so a device call returns what its costliest kernels compute and how they
+    are tiled. Inductor writes every kernel it compiles (or takes from a cache) to a file of its own there; names
+    are numbered per graph, so two graphs can have a kernel of the same name: up to `per_kernel` different sources
+    are kept. A name not found is absent."""
+    if cache_dir is None:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
+
+        cache_dir = inductor_cache_dir()
+    root = Path(cache_dir)
+    markers = {name: f"def {name}(" for name in names}
+    found: dict[str, list[str]] = {}
+    for path in sorted(root.rglob("*.py")) if root.is_dir() else []:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        if text.count("@triton.jit") != 1:
+            continue  # a graph's wrapper module holds all its kernels as strings: the kernels' own files suffice
+        for name, marker in markers.items():
+            sources = found.setdefault(name, [])
+            if marker in text and text not in sources and len(sources) < per_kernel:
+                sources.append(text)
+    return {name: sources for name, sources in found.items() if sources}
 
 
 class BatchWindow(L.Callback):

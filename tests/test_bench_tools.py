@@ -328,3 +328,28 @@ def test_returned_compile_cache_replaces_every_part_of_the_older_blob(tmp_path, 
     assert parts["official_tokenizer"][0].read_bytes() == b"official"
     assert parts["ours_training"][0].read_bytes() == b"older training"
     assert not list(carried.glob("*.zlib.*")) and not list(carried.glob("*.tmp"))
+
+
+def test_triton_kernel_sources_are_read_from_each_kernels_own_file(tmp_path):
+    from common import triton_kernel_sources
+
+    def kernel_file(name: str, body: str) -> str:
+        return f"import triton\n@triton_heuristics.pointwise()\n@triton.jit\ndef {name}(in_ptr0, out_ptr0, xnumel):\n{body}\n"
+
+    (tmp_path / "ab").mkdir()
+    (tmp_path / "cd").mkdir()
+    (tmp_path / "ab" / "k1.py").write_text(kernel_file("triton_poi_fused_cat_52", "    pass  # first graph"))
+    (tmp_path / "cd" / "k2.py").write_text(kernel_file("triton_poi_fused_cat_52", "    pass  # second graph"))
+    (tmp_path / "cd" / "k3.py").write_text(kernel_file("triton_poi_fused_cat_5", "    pass"))
+    (tmp_path / "cd" / "k4.py").write_text(kernel_file("triton_poi_fused_cat_52", "    pass  # first graph")
+                                           .replace("first", "third"))
+    # A graph's wrapper module: every kernel as a string, not read.
+    (tmp_path / "cd" / "wrapper.py").write_text(kernel_file("triton_poi_fused_cat_52", "    pass  # wrapper") * 2)
+    sources = triton_kernel_sources(["triton_poi_fused_cat_52", "triton_poi_fused_cat_5", "triton_red_absent_1"],
+                                    tmp_path, per_kernel=2)
+    assert sorted(sources) == ["triton_poi_fused_cat_5", "triton_poi_fused_cat_52"]
+    # The kernel _5 is not mistaken for _52, and at most per_kernel sources of one name are kept.
+    assert sources["triton_poi_fused_cat_5"] == [(tmp_path / "cd" / "k3.py").read_text()]
+    assert sources["triton_poi_fused_cat_52"] == [(tmp_path / "ab" / "k1.py").read_text(),
+                                                  (tmp_path / "cd" / "k2.py").read_text()]
+    assert triton_kernel_sources(["triton_poi_fused_cat_52"], tmp_path / "absent") == {}
