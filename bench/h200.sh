@@ -76,13 +76,16 @@ left_of() {
   echo "$left"
 }
 # One BAR-B training run of one code (ours: bench/training.py with VARIANT, batch 128; the official compiled step), its
-# JSON in $OUT/NAME.json, skipped when the limit leaves no time for it: training_run ours|official LIMIT_S NAME [VARIANT]
+# JSON in $OUT/NAME.json, skipped when the limit leaves no time for it; ours takes further ARGS (--profile):
+# training_run ours|official LIMIT_S NAME [VARIANT [ARGS...]]
 training_run() {
-  local code=$1 limit=$2 name=$3 variant=${4:-compile}
+  local code=$1 limit=$2 name=$3 variant=${4:-compile} lines=3
+  shift 4 2>/dev/null || shift $#
   if [ "$limit" -lt 40 ]; then echo "$code $variant skipped: ${limit} s left"; return; fi
+  [[ " $* " == *" --profile "* ]] && lines=30
   if [ "$code" = ours ]; then
-    (cd "$ROOT/bench" && timeout "$limit" python3 training.py --experiments bar_b --variants "$variant" \
-      --out "$OUT/$name.json" 2>&1 | quiet | tail -3)
+    (cd "$ROOT/bench" && timeout "$limit" python3 training.py --experiments bar_b --variants "$variant" "$@" \
+      --out "$OUT/$name.json" 2>&1 | quiet | tail -$lines)
   else
     (cd "$ROOT/bench" && timeout "$limit" python3 official_training.py --config bar_b --out "$OUT/$name.json" 2>&1 \
       | quiet | tail -2)
@@ -432,8 +435,9 @@ case "${1:-sampling}" in
     # official's first steps 14 s with them): ours' default step and the official compiled step, then the levers in
     # the same call, each in its own process and from a cold cache: coordinate-descent tuning with CUDA graphs
     # (301.5 s to its first timed step on 2026-12-06) and Inductor's C++ wrapper (without graphs: compare with
-    # compile+no_cuda_graphs), with the time left of the call's limit ${2}.
-    training_run ours "$(left_of "${2:-590}" 90)" training_bar_b_default_levers_call compile
+    # compile+no_cuda_graphs), with the time left of the call's limit ${2}. The default step's profile keeps the
+    # source of its costliest Triton kernels (5k: the attention inputs' gradient assembly at ~1 TB/s).
+    training_run ours "$(left_of "${2:-590}" 100)" training_bar_b_default_levers_call compile --profile
     training_run official "$(left_of "${2:-590}" 100)" official_training_bar_b_levers_call
     training_run ours "$(left_of "${2:-590}" 380)" training_bar_b_cuda_graphs_coordinate_descent \
       compile+cuda_graphs+coordinate_descent
