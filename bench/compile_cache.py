@@ -13,10 +13,10 @@ the FX-graph, AOTAutograd and Triton-kernel artifacts of the process) removes th
   changes what runs. Blobs are pickles: load only those your own runs wrote.
 * `BENCH_COMPILE_CACHE_OUT=<dir>`: at the end of a script, `save(key)` writes what the process compiled or took from
   the cache as `<key>.megacache.xz.NN` (xz at a fast preset, split into parts of at most `PART_BYTES`, since a device
-  call returns files of at most 16 MiB), unless every artifact of it was loaded. The key names the run (code, phase, variants):
-  torch re-saves only the loaded artifacts a process used, so one blob per kind of run keeps each complete. Once per
-  process: torch serialises a second time by appending, and its loader keeps only the last batch of each kind of
-  artifact (`CacheArtifactManager.deserialize` builds a dict), which would silently drop the first.
+  call returns files of at most 16 MiB), unless every artifact of it was loaded. The key names the run (code, phase,
+  variants): torch re-saves only the loaded artifacts a process used, so one blob per kind of run keeps each
+  complete. Once per process: torch serialises a second time by appending, and its loader keeps only the last batch
+  of each kind of artifact (`CacheArtifactManager.deserialize` builds a dict), which would silently drop the first.
   bench/h200.sh uses the carried `.compile_cache/` as both folders and returns the blobs a call wrote under
   `$OUT/compile_cache`.
 * `python bench/compile_cache.py <returned folder>` puts returned blobs into `.compile_cache/` (git-ignored), replacing
