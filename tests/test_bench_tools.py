@@ -170,20 +170,26 @@ print("RESULT", loaded, compile_cache.loaded_artifacts(), counters["inductor"]["
 """
 
 
-def compile_in_fresh_process(tmp_path, name: str, cache_in, cache_out, key: str, layers: str,
-                             part_bytes: int = 2**20) -> list[int]:
-    """Compile small modules (`layers`: a Python tuple of activations) in a new process with an empty Inductor cache
-    of its own and save blob `key`; returns what it printed: artifacts loaded (twice: load's return and
-    loaded_artifacts), FX-graph cache hits and misses, parts written."""
+def start_compiling_in_fresh_process(tmp_path, name: str, cache_in, cache_out, key: str, layers: str,
+                                     part_bytes: int = 2**20):
+    """Start compiling small modules (`layers`: a Python tuple of activations) in a new process with an empty
+    Inductor cache of its own, which saves blob `key`; `compile_result` waits for it."""
     import os
     import subprocess
 
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor_{name}"),
            "BENCH_COMPILE_CACHE_IN": str(cache_in), "BENCH_COMPILE_CACHE_OUT": str(cache_out)}
     script = COMPILE_AND_CACHE.format(bench=str(BENCH), key=key, layers=layers, part_bytes=part_bytes)
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT"))
+    return subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def compile_result(process) -> list[int]:
+    """What a process of `start_compiling_in_fresh_process` printed: artifacts loaded (twice: load's return and
+    loaded_artifacts), FX-graph cache hits and misses, parts written."""
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    line = next(line for line in stdout.splitlines() if line.startswith("RESULT"))
     return [int(value) for value in line.split()[1:]]
 
 
@@ -191,24 +197,31 @@ def test_compile_cache_carries_compiled_graphs_to_a_fresh_machine(tmp_path):
     carried = tmp_path / "carried"
     both = "(torch.nn.GELU(), torch.nn.SiLU())"
     # First machine: nothing to load, everything compiled, saved in several parts (a call returns files <= 16 MiB).
-    loaded, _, hits, misses, parts = compile_in_fresh_process(tmp_path, "first", carried, carried, "ours_training_a",
-                                                              both, part_bytes=20_000)
+    loaded, _, hits, misses, parts = compile_result(start_compiling_in_fresh_process(
+        tmp_path, "first", carried, carried, "ours_training_a", both, part_bytes=20_000))
     assert (loaded, hits) == (0, 0) and misses > 0 and parts > 1
     assert sorted(path.name for path in carried.iterdir()) == [
         f"ours_training_a.megacache.xz.{number:02d}" for number in range(parts)]
-    # Second machine (its own empty Inductor cache): every graph of both runs comes from the blob, and a save that
-    # adds nothing writes nothing.
-    returned = tmp_path / "returned"
-    loaded, recorded, hits, misses, parts = compile_in_fresh_process(tmp_path, "second", carried, returned,
-                                                                     "ours_training_a", both)
-    assert loaded > 0 and recorded == loaded and hits == 2 * 2 and misses == 0 and parts == 0
-    assert not returned.exists()
-    # Third machine, another kind of run: loads the first blob by its prefix, compiles only what it lacks, and writes
-    # its own blob (torch re-saves only the loaded artifacts a process uses, hence a key per kind of run).
-    loaded, _, hits, misses, parts = compile_in_fresh_process(tmp_path, "third", carried, returned, "ours_training_b",
-                                                              "(torch.nn.GELU(), torch.nn.Tanh())")
-    assert loaded > 0 and hits == 2 and misses == 2 and parts == 1
-    assert [path.name for path in returned.iterdir()] == ["ours_training_b.megacache.xz.00"]
+    # Two more machines at once, each with its own empty Inductor cache and its own folder for what it writes.
+    # The second runs the same kind of run: every graph comes from the blob, and a save that adds nothing writes
+    # nothing. The third, another kind of run, loads the first blob by its prefix, compiles only what it lacks, and
+    # writes its own blob (torch re-saves only the loaded artifacts a process uses, hence a key per kind of run).
+    returned_second, returned_third = tmp_path / "returned_second", tmp_path / "returned_third"
+    second = start_compiling_in_fresh_process(tmp_path, "second", carried, returned_second, "ours_training_a", both)
+    third = start_compiling_in_fresh_process(tmp_path, "third", carried, returned_third, "ours_training_b",
+                                             "(torch.nn.GELU(), torch.nn.Tanh())")
+    try:
+        loaded, recorded, hits, misses, parts = compile_result(second)
+        assert loaded > 0 and recorded == loaded and hits == 2 * 2 and misses == 0 and parts == 0
+        assert not returned_second.exists()
+        loaded, _, hits, misses, parts = compile_result(third)
+        assert loaded > 0 and hits == 2 and misses == 2 and parts == 1
+        assert [path.name for path in returned_third.iterdir()] == ["ours_training_b.megacache.xz.00"]
+    finally:
+        for process in (second, third):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 class FakeCacheInfo:
