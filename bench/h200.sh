@@ -50,23 +50,28 @@ gpu_tests_to_log() {
   tail -6 "$OUT/gpu_tests_full.log" | tee "$OUT/gpu_tests.log"
   echo "tests done at ${SECONDS} s"
 }
-# One tokenizer phase of one code (ours: train.py's defaults, compiled with CUDA graphs on one GPU, unless ARGS name
-# other `--variants`, which argparse takes over the first; the official compiled step), its JSON in $OUT/NAME.json,
-# skipped when the limit leaves no time for it; with --profile the printed tail holds the kernel table:
-# tokenizer_phase ours|official PHASE LIMIT_S NAME [ARGS...]
-tokenizer_phase() {
-  local code=$1 phase=$2 limit=$3 name=$4 lines=4
+# One bench script run, its JSON in $OUT/NAME.json, under LIMIT_S, skipped when that is under MIN_S (a run that
+# cannot reach its timed steps only spends device time); with --profile the printed tail holds the kernel table:
+# bench_script MIN_S LIMIT_S NAME SCRIPT [ARGS...]
+bench_script() {
+  local min=$1 limit=$2 name=$3 script=$4 lines=4
   shift 4
-  if [ "$limit" -lt 40 ]; then echo "$code $phase phase skipped: ${limit} s left"; return; fi
+  if [ "$limit" -lt "$min" ]; then echo "$name skipped: ${limit} s left"; return; fi
   [[ " $* " == *" --profile "* ]] && lines=32
+  (cd "$ROOT/bench" && timeout "$limit" python3 "$script" "$@" --out "$OUT/$name.json" 2>&1 | quiet | tail -$lines)
+  echo "$name done at ${SECONDS} s"
+}
+# One tokenizer phase of one code (ours: train.py's defaults, compiled with CUDA graphs on one GPU, unless ARGS name
+# other `--variants`, which argparse takes over the first; the official compiled step), skipped under MIN_S seconds
+# (default 40): [MIN_S=S] tokenizer_phase ours|official PHASE LIMIT_S NAME [ARGS...]
+tokenizer_phase() {
+  local code=$1 phase=$2 limit=$3 name=$4
+  shift 4
   if [ "$code" = ours ]; then
-    (cd "$ROOT/bench" && timeout "$limit" python3 tokenizer_training.py --phases "$phase" --variants default "$@" \
-      --out "$OUT/$name.json" 2>&1 | quiet | tail -$lines)
+    bench_script "${MIN_S:-40}" "$limit" "$name" tokenizer_training.py --phases "$phase" --variants default "$@"
   else
-    (cd "$ROOT/bench" && timeout "$limit" python3 official_tokenizer.py --phase "$phase" "$@" --out "$OUT/$name.json" \
-      2>&1 | quiet | tail -$lines)
+    bench_script "${MIN_S:-40}" "$limit" "$name" official_tokenizer.py --phase "$phase" "$@"
   fi
-  echo "$code $phase phase done at ${SECONDS} s"
 }
 # The seconds left before the call's limit CALL_S, less a margin for the files to be written, and at most CAP_S when
 # given: left_of CALL_S [CAP_S]
@@ -75,22 +80,16 @@ left_of() {
   [ -n "${2:-}" ] && [ "$2" -lt "$left" ] && left=$2
   echo "$left"
 }
-# One BAR-B training run of one code (ours: bench/training.py with VARIANT, batch 128; the official compiled step), its
-# JSON in $OUT/NAME.json, skipped when the limit leaves no time for it; ours takes further ARGS (--profile):
-# training_run ours|official LIMIT_S NAME [VARIANT [ARGS...]]
+# One BAR-B training run of one code (ours: bench/training.py with VARIANT and further ARGS, batch 128; the official
+# compiled step): training_run ours|official LIMIT_S NAME [VARIANT [ARGS...]]
 training_run() {
-  local code=$1 limit=$2 name=$3 variant=${4:-compile} lines=3
+  local code=$1 limit=$2 name=$3 variant=${4:-compile}
   shift 4 2>/dev/null || shift $#
-  if [ "$limit" -lt 40 ]; then echo "$code $variant skipped: ${limit} s left"; return; fi
-  [[ " $* " == *" --profile "* ]] && lines=30
   if [ "$code" = ours ]; then
-    (cd "$ROOT/bench" && timeout "$limit" python3 training.py --experiments bar_b --variants "$variant" "$@" \
-      --out "$OUT/$name.json" 2>&1 | quiet | tail -$lines)
+    bench_script 40 "$limit" "$name" training.py --experiments bar_b --variants "$variant" "$@"
   else
-    (cd "$ROOT/bench" && timeout "$limit" python3 official_training.py --config bar_b --out "$OUT/$name.json" 2>&1 \
-      | quiet | tail -2)
+    bench_script 40 "$limit" "$name" official_training.py --config bar_b
   fi
-  echo "$code $variant done at ${SECONDS} s"
 }
 # Ours' compiled tokenizer generator phase with its kernel profile, in the seconds left of the call's limit CALL_S.
 ours_generator_profile() {
@@ -416,11 +415,7 @@ case "${1:-sampling}" in
     tokenizer_phase official generator "$(left_of "${2:-590}")" official_tokenizer_generator_cold
     # (skipped under 120 s: ours' process alone, with its graphs cached, took more than the 120 s of 2026-12-07's
     # item 18)
-    if [ "$(left_of "${2:-590}")" -ge 120 ]; then
-      tokenizer_phase ours generator "$(left_of "${2:-590}")" ours_tokenizer_generator_after_official
-    else
-      echo "ours generator phase skipped: $(left_of "${2:-590}") s left"
-    fi
+    MIN_S=120 tokenizer_phase ours generator "$(left_of "${2:-590}")" ours_tokenizer_generator_after_official
     ;;
   tokenizer_same_call)
     # Both codes, both phases, in one call, once both codes' graphs are cached (carried blobs, or the two parts above
