@@ -171,10 +171,11 @@ def triton_kernel_sources(names: list[str], cache_dir: str | Path | None = None,
         if text.count("@triton.jit") != 1:
             continue  # a graph's wrapper module holds all its kernels as strings: the kernels' own files suffice
         for name, marker in markers.items():
-            sources = found.setdefault(name, [])
-            if marker in text and text not in sources and len(sources) < per_kernel:
-                sources.append(text)
-    return {name: sources for name, sources in found.items() if sources}
+            if marker in text:
+                sources = found.setdefault(name, [])
+                if text not in sources and len(sources) < per_kernel:
+                    sources.append(text)
+    return found
 
 
 class BatchWindow(L.Callback):
