@@ -11,7 +11,8 @@
 #                      sync_free_tests_and_ours LIMIT_S | default_generator_same_call | default_gan_same_call |
 #                      sync_tests_and_ours_profile LIMIT_S | sync_tests LIMIT_S | ours_tokenizer_cache LIMIT_S |
 #                      official_tokenizer_cache LIMIT_S | official_cache_then_ours LIMIT_S |
-#                      tokenizer_same_call LIMIT_S | training_levers_same_call LIMIT_S
+#                      tokenizer_same_call LIMIT_S | training_levers_same_call LIMIT_S |
+#                      official_then_ours_same_call LIMIT_S
 # Needs the wheels of ../shared/tools/device-wheels.sh in .whl (Hydra, webdataset, torch-fidelity); official_tokenizer
 # also the official requirements (transformers 4.56.1, timm, accelerate and theirs) there and the official code
 # exported to .upstream/bar (bench/official_tokenizer.py says how).
@@ -416,6 +417,21 @@ case "${1:-sampling}" in
     # (skipped under 120 s: ours' process alone, with its graphs cached, took more than the 120 s of 2026-12-07's
     # item 18)
     MIN_S=120 tokenizer_phase ours generator "$(left_of "${2:-590}")" ours_tokenizer_generator_after_official
+    ;;
+  official_then_ours_same_call)
+    # The call after official_cache_then_ours on the same warm machine, for a session that starts with no carried blob
+    # (the official generator graphs cached there by the first call; ours' as far as its compilation got): the
+    # official generator phase (capped at 200 s), then ours' with up to 400 s of the rest, so that the generator phase
+    # has a same-call ratio even if the first call's was cut off; then both G/D phases only if 330 s are left for the
+    # pair (one without the other gives no ratio); the call's limit is ${2}.
+    tokenizer_phase official generator "$(left_of "${2:-590}" 200)" official_tokenizer_generator_same_call
+    tokenizer_phase ours generator "$(left_of "${2:-590}" 400)" ours_tokenizer_generator_same_call
+    if [ "$(left_of "${2:-590}")" -ge 330 ]; then
+      tokenizer_phase ours gan "$(left_of "${2:-590}" 150)" ours_tokenizer_gan_same_call
+      tokenizer_phase official gan "$(left_of "${2:-590}")" official_tokenizer_gan_same_call
+    else
+      echo "G/D phases skipped: $(left_of "${2:-590}") s left"
+    fi
     ;;
   tokenizer_same_call)
     # Both codes, both phases, in one call, once both codes' graphs are cached (carried blobs, or the two parts above
