@@ -12,7 +12,7 @@
 #                      sync_tests_and_ours_profile LIMIT_S | sync_tests LIMIT_S | ours_tokenizer_cache LIMIT_S |
 #                      official_tokenizer_cache LIMIT_S | official_cache_then_ours LIMIT_S |
 #                      tokenizer_same_call LIMIT_S | training_levers_same_call LIMIT_S |
-#                      official_then_ours_same_call LIMIT_S
+#                      official_then_ours_same_call LIMIT_S | training_layout_same_call LIMIT_S
 # Needs the wheels of ../shared/tools/device-wheels.sh in .whl (Hydra, webdataset, torch-fidelity); official_tokenizer
 # also the official requirements (transformers 4.56.1, timm, accelerate and theirs) there and the official code
 # exported to .upstream/bar (bench/official_tokenizer.py says how).
@@ -441,6 +441,18 @@ case "${1:-sampling}" in
     tokenizer_phase official generator "$(left_of "${2:-590}" 170)" official_tokenizer_generator_same_call
     tokenizer_phase ours gan "$(left_of "${2:-590}" 150)" ours_tokenizer_gan_same_call
     tokenizer_phase official gan "$(left_of "${2:-590}")" official_tokenizer_gan_same_call
+    ;;
+  training_layout_same_call)
+    # The position-major attention inputs (models/bar_blocks.py, 2026-12-07, ninth session) against the tree before
+    # them, exported to .baseline/src (`git archive <commit> src | tar -x -C .baseline`, carried), in one call from
+    # cold caches: ours' default step on this tree with its profile (and its costliest Triton kernels' source), the
+    # official compiled step, ours' default step on the earlier tree; then the GPU tests of the changed code with
+    # the time left of the call's limit ${2}.
+    training_run ours "$(left_of "${2:-590}" 150)" training_bar_b_position_major compile --profile
+    training_run official "$(left_of "${2:-590}" 180)" official_training_bar_b_layout_call
+    PYTHONPATH=/tmp/site:$ROOT/.baseline/src training_run ours "$(left_of "${2:-590}" 140)" training_bar_b_head_major \
+      compile
+    gpu_tests_to_log "$(left_of "${2:-590}")" tests/test_gpu_training.py tests/test_gpu_sampling.py
     ;;
   training_levers_same_call)
     # Issue 16 item 6 with the carried blobs of training_side_by_side (2026-12-07, eighth session, written on an

@@ -203,10 +203,10 @@ class BARGenerator(nn.Module):
         own_cos, own_sin = self.rope_cos[own_rows], self.rope_sin[own_rows]  # [B, N, hd]
         tgt_cos, tgt_sin = self.rope_cos[target_rows], self.rope_sin[target_rows]
         return RotaryRows(
-            q_cos=torch.stack([own_cos, tgt_cos], dim=1).unsqueeze(2),  # [B, 2, 1, N, hd]
-            q_sin=torch.stack([own_sin, tgt_sin], dim=1).unsqueeze(2),
-            k_cos=own_cos.unsqueeze(1),  # [B, 1, N, hd]
-            k_sin=own_sin.unsqueeze(1),
+            q_cos=torch.stack([own_cos, tgt_cos], dim=2).unsqueeze(3),  # [B, N, 2, 1, hd]
+            q_sin=torch.stack([own_sin, tgt_sin], dim=2).unsqueeze(3),
+            k_cos=own_cos.unsqueeze(2),  # [B, N, 1, hd]
+            k_sin=own_sin.unsqueeze(2),
         )
 
     def run_blocks(

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 
 class RotaryRows(NamedTuple):
-    """Cos/sin tables gathered for one forward: queries `[B, 2, 1, N, hd]` (own / target half), keys `[B, 1, N, hd]`."""
+    """Cos/sin tables gathered for one forward, position-major like the projected heads: queries `[B, N, 2, 1, hd]`
+    (own / target half of the heads), keys `[B, N, 1, hd]`."""
 
     q_cos: torch.Tensor
     q_sin: torch.Tensor
@@ -46,13 +47,17 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor, rope: RotaryRows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values `[B, H, N, hd]`, normalised and rotated."""
         batch, length, _ = x.shape
-        qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each [B, H, N, hd]
+        # Normalised and rotated position-major, `[B, N, H, hd]`, the projection's own layout, and only then viewed
+        # head-major: the backward then stacks the three gradients straight into the projection's gradient
+        # `[B, N, 3, H, hd]`, where a head-major stack needs a transposing copy of it (the step's largest fused
+        # kernel on the GPU). The arithmetic, element by element, is unchanged.
+        qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(2)  # each [B, N, H, hd]
         q, k = self.q_norm(q), self.k_norm(k)
         # First half of the query heads rotate by their own location, second half by the location predicted next.
-        q = apply_rope(q.unflatten(1, (2, self.num_heads // 2)), rope.q_cos, rope.q_sin).flatten(1, 2)
+        q = apply_rope(q.unflatten(2, (2, self.num_heads // 2)), rope.q_cos, rope.q_sin).flatten(2, 3)
         k = apply_rope(k, rope.k_cos, rope.k_sin)
-        return q, k, v
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # each [B, H, N, hd]
 
     def output(self, attended: torch.Tensor) -> torch.Tensor:
         """`[B, H, N, hd]` attention result -> `[B, N, D]` after the output projection."""

@@ -115,7 +115,7 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x [B, H, N, hd]` with per-position tables broadcastable to it; float32 like upstream."""
+    """Rotate `x [..., hd]` with per-position tables broadcastable to it; float32 like upstream."""
     input_dtype = x.dtype
     with torch.autocast(device_type=x.device.type, enabled=False):
         x = x.float()
