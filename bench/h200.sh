@@ -462,7 +462,7 @@ case "${1:-sampling}" in
     # fails), then the levers in the same call, each in its own process and from a cold cache: coordinate-descent
     # tuning with CUDA graphs (301.5 s to its first timed step on 2026-12-06) and Inductor's C++ wrapper (without
     # graphs: compare with compile+no_cuda_graphs), with the time left of the call's limit ${2}. The default step's
-    # profile keeps the source of its costliest Triton kernels (5k: the attention inputs' gradient assembly at ~1 TB/s).
+    # profile keeps the source of its costliest Triton kernels (5l: the largest is the adaLN gradient assembly).
     training_run ours "$(left_of "${2:-590}" 150)" training_bar_b_default_levers_call compile --profile
     training_run official "$(left_of "${2:-590}" 180)" official_training_bar_b_levers_call
     training_run ours "$(left_of "${2:-590}" 380)" training_bar_b_cuda_graphs_coordinate_descent \

@@ -49,8 +49,9 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         # Normalised and rotated position-major, `[B, N, H, hd]`, the projection's own layout, and only then viewed
         # head-major: the backward then stacks the three gradients straight into the projection's gradient
-        # `[B, N, 3, H, hd]`, where a head-major stack needs a transposing copy of it (the step's largest fused
-        # kernel on the GPU). The arithmetic, element by element, is unchanged.
+        # `[B, N, 3, H, hd]`, where a head-major stack needs a transposing copy of it in every layer's backward
+        # (2.6% of the BAR-B training step on an H100, docs/benchmarks.md 5l). The arithmetic, element by element,
+        # is unchanged.
         qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(2)  # each [B, N, H, hd]
         q, k = self.q_norm(q), self.k_norm(k)
