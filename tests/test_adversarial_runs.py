@@ -336,6 +336,8 @@ def test_a_less_advanced_start_never_overwrites_later_checkpoints(tmp_path):
     assert read_checkpoint(folder / "last.ckpt")["global_step"] == 41
 
 
+# `make test-full` only: 16-38 s of fresh processes, kept out of `make test` so that CI stays under 20 minutes.
+@pytest.mark.slow
 def test_train_resumes_from_the_most_advanced_checkpoint_after_an_old_one_is_copied_in(tmp_path):
     run_dir = tmp_path / "run"
     first = run(tiny_train(run_dir, "trainer.max_steps=6", "callbacks.model_checkpoint.every_n_train_steps=3"))

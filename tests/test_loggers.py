@@ -341,6 +341,8 @@ def test_the_known_noise_filters_are_targeted(caplog):
                                                                                       "_pytree.py")]
 
 
+# `make test-full` only: 16-38 s of fresh processes, kept out of `make test` so that CI stays under 20 minutes.
+@pytest.mark.slow
 @needs_wandb
 def test_a_resumed_run_continues_its_wandb_run_and_a_new_folder_starts_another(tmp_path):
     from bar_lightning.lightning.loggers import run_folder_id

@@ -128,6 +128,8 @@ def test_ckpt_path_with_released_weights_is_refused_as_two_generators(tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 
 
+# `make test-full` only: 16-38 s of fresh processes, kept out of `make test` so that CI stays under 20 minutes.
+@pytest.mark.slow
 def test_train_prints_the_config_tree_only_when_asked(tmp_path):
     shown = bash(f"{TINY} trainer.max_steps=1 logger=csv hydra.run.dir={tmp_path / 'shown'}")
     assert shown.returncode == 0, shown.stderr[-2000:]

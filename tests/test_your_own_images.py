@@ -209,6 +209,8 @@ TINY = "python train.py experiment=tiny_generator print_config=false trainer.max
        "callbacks.model_checkpoint.every_n_train_steps=1 trainer.val_check_interval=null hydra.run.dir={run}"
 
 
+# `make test-full` only: 16-38 s of fresh processes, kept out of `make test` so that CI stays under 20 minutes.
+@pytest.mark.slow
 def test_a_changed_attempt_keeps_config_yaml_and_records_the_change(tmp_path):
     run = tmp_path / "run"
     assert bash(TINY.format(steps=4, run=run)).returncode == 0
