@@ -12,7 +12,8 @@
 #                      sync_tests_and_ours_profile LIMIT_S | sync_tests LIMIT_S | ours_tokenizer_cache LIMIT_S |
 #                      official_tokenizer_cache LIMIT_S | official_cache_then_ours LIMIT_S |
 #                      tokenizer_same_call LIMIT_S | training_levers_same_call LIMIT_S |
-#                      official_then_ours_same_call LIMIT_S | training_layout_same_call LIMIT_S
+#                      official_then_ours_same_call LIMIT_S | training_layout_same_call LIMIT_S |
+#                      tokenizer_together LIMIT_S [generator|gan]
 # Needs the wheels of ../shared/tools/device-wheels.sh in .whl (Hydra, webdataset, torch-fidelity); official_tokenizer
 # also the official requirements (transformers 4.56.1, timm, accelerate and theirs) there and the official code
 # exported to .upstream/bar (bench/official_tokenizer.py says how).
@@ -431,6 +432,27 @@ case "${1:-sampling}" in
       tokenizer_phase official gan "$(left_of "${2:-590}")" official_tokenizer_gan_same_call
     else
       echo "G/D phases skipped: $(left_of "${2:-590}") s left"
+    fi
+    ;;
+  tokenizer_together)
+    # Both codes' tokenizer phase ${3:-generator} in one call from cold caches (a session without blobs), the call's
+    # limit ${2}: on a card with room for both (an H200), the two processes start at once, compile side by side and
+    # take turns at their timed steps (bench/turns.py: no timed step runs beside the other process's work; a
+    # process that is still compiling 90 s before the call's end no longer holds the other back, and its row says
+    # so); on an 80-GiB card one after the other, the official code first (official_cache_then_ours).
+    phase=${3:-generator}
+    if [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)" -ge 120000 ]; then
+      rm -rf /tmp/bench_turns && mkdir -p /tmp/bench_turns
+      limit=$(left_of "${2:-590}")
+      BENCH_TURNS_DIR=/tmp/bench_turns BENCH_TURNS_PARTIES=2 BENCH_TURNS_DEADLINE=$(($(date +%s) + limit - 90)) \
+        tokenizer_phase official "$phase" "$limit" "official_tokenizer_${phase}_together" &
+      BENCH_TURNS_DIR=/tmp/bench_turns BENCH_TURNS_PARTIES=2 BENCH_TURNS_DEADLINE=$(($(date +%s) + limit - 90)) \
+        tokenizer_phase ours "$phase" "$limit" "ours_tokenizer_${phase}_together" &
+      wait
+    else
+      echo "one card of less than 120 GiB: the two codes one after the other"
+      tokenizer_phase official "$phase" "$(left_of "${2:-590}")" "official_tokenizer_${phase}_cold"
+      MIN_S=120 tokenizer_phase ours "$phase" "$(left_of "${2:-590}")" "ours_tokenizer_${phase}_after_official"
     fi
     ;;
   tokenizer_same_call)

@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import compile_cache  # noqa: E402
 from common import TimedBatches, machine, print_kernel_table, write_results  # noqa: E402
+from turns import Turns  # noqa: E402
 
 SIGLIP2_SO400M_VISION = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
                          "num_attention_heads": 16, "patch_size": 16, "num_patches": 256, "num_channels": 3}
@@ -91,7 +92,7 @@ def install_replacements(workdir: Path) -> None:
         sys.modules.update({"scipy": scipy, "scipy.linalg": scipy.linalg})
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, turns: Turns | None = None) -> dict[str, Any]:
     official = Path(args.official).resolve()
     workdir = Path(tempfile.mkdtemp(prefix="official_tokenizer_"))
     os.chdir(workdir)  # the official code reads assets/models/* relative to the working directory
@@ -153,10 +154,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         elif index == memory_from + 2:
             memory["summary"] = {**summarise_recording(memory["baseline"]), "recorded_batches": 2}
 
+    turn_at = max(args.warmup - 2, 0)  # two warm-up steps after the wait absorb the device's restart
+
+    def on_take(index: int) -> None:
+        if turns is not None and index == turn_at:  # after the take's mark: the wait falls in a warm-up step
+            turns.arrive_and_take_turn()
+        if args.memory_snapshot:
+            memory_window(index)
+
     batches = TimedBatches(lambda index: {"image": images, "__key__": [f"{index}_{i}" for i in range(len(images))]},
                            memory_from + (2 if args.memory_snapshot else 0),
-                           profile_from=steps if args.profile else None,
-                           on_take=memory_window if args.memory_snapshot else None)
+                           profile_from=steps if args.profile else None, on_take=on_take)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -173,8 +181,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "batch": args.batch, "steps": final_step, "step_s": step, "images_per_s": args.batch / step,
         "step_durations_s": durations,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-        "first_steps_s": sum(durations[:args.warmup]),
-        "wall_s": wall, "timing": "stream events at batch starts",
+        "first_steps_s": sum(durations[:args.warmup]) - (turns.record.get("waited_for_turn_s", 0.0) if turns else 0.0),
+        **(turns.record if turns is not None else {}), "wall_s": wall, "timing": "stream events at batch starts",
         "replaced": "SigLIP2 (random Siglip2Model, so400m vision), torchvision VGG16/ConvNeXt-S (random), LPIPS heads "
                     "and DINO ViT-S/8 (bar_lightning stand-ins), data (random GPU batch)",
     }
@@ -202,8 +210,9 @@ def main() -> None:
                         help="what is alive at the peak of two batches after the timed ones (CUDA only)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    turns = Turns.from_environment()
     compile_cache.load("official_tokenizer")
-    row = run(args)
+    row = run(args, turns)
     row["compile_cache"] = compile_cache.loaded_artifacts()
     print({key: value for key, value in row.items() if key not in ("profile", "memory")}, flush=True)
     write_results(args.out, {"machine": machine(), "rows": [row]})

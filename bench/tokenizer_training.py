@@ -39,6 +39,7 @@ import compile_cache
 import lightning as L
 import torch
 from common import (
+    BatchWindow,
     MemoryWindow,
     StepProfiler,
     StepTimer,
@@ -48,6 +49,7 @@ from common import (
     print_table,
     write_results,
 )
+from turns import Turns
 
 from bar_lightning.run import build_tokenizer_job, build_trainer
 from bar_lightning.stand_in_weights import write_stand_in_weights
@@ -88,7 +90,22 @@ def generator_step_flops(module: Any, batch: int, image_size: int, device: torch
     return float(counter.get_total_flops())
 
 
-def run_variant(phase: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
+class TakeTurn(BatchWindow):
+    """Waits for the other processes of a group (bench/turns.py) before the batch `first_batch`, two batches before
+    the timed ones, so the two steps after the wait absorb the device's restart; the wait falls in a warm-up batch."""
+
+    def __init__(self, turns: Turns, first_batch: int) -> None:
+        super().__init__(first_batch, 1)
+        self.turns = turns
+
+    def begin(self) -> None:
+        self.turns.arrive_and_take_turn()
+
+    def end(self) -> None:
+        pass
+
+
+def run_variant(phase: str, name: str, args: argparse.Namespace, turns: Turns | None = None) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     # Profiled batches, then batches with the allocator history, come after the timed ones.
     total_steps = args.warmup + args.timed + (2 if args.profile else 0) + (2 if args.memory_snapshot else 0)
@@ -111,6 +128,8 @@ def run_variant(phase: str, name: str, args: argparse.Namespace) -> dict[str, An
     flops = generator_step_flops(module, args.flop_batch, cfg.model.image_size, device) / args.flop_batch
     timer = StepTimer()
     trainer = build_trainer(cfg, enable_checkpointing=False)
+    if turns is not None:  # before the timer, so that the wait ends before the next batch's start is marked
+        trainer.callbacks.append(TakeTurn(turns, max(args.warmup - 2, 0)))
     trainer.callbacks.append(timer)
     profiler = StepProfiler(args.warmup + args.timed) if args.profile else None
     if profiler is not None:
@@ -124,12 +143,14 @@ def run_variant(phase: str, name: str, args: argparse.Namespace) -> dict[str, An
     trainer.fit(module, datamodule=datamodule)
     wall = time.perf_counter() - start
     timed = timer.durations[args.warmup : args.warmup + args.timed]
+    turn = dict(turns.record) if turns is not None else {}  # the wait is not part of the warm-up's time
     step = statistics.median(timed) if phase == "generator" else statistics.fmean(timed)
     row = {
         "code": "bar_lightning", "experiment": args.experiment, "phase": phase, "variant": name, "batch": args.batch,
         "step_s": step, "images_per_s": args.batch / step, "step_durations_s": timer.durations,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-        "generator_step_gflop_per_image": flops / 1e9, "first_steps_s": sum(timer.durations[:args.warmup]),
+        "generator_step_gflop_per_image": flops / 1e9,
+        "first_steps_s": sum(timer.durations[:args.warmup]) - turn.get("waited_for_turn_s", 0.0), **turn,
         "wall_s": wall, "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "timing": "stream events at batch starts",
     }
@@ -175,11 +196,12 @@ def main() -> None:
     # the precision the step ran with, so the process state at start would only mislead here.
     for key in ("tf32_matmul", "float32_matmul_precision"):
         results["machine"].pop(key, None)
+    turns = Turns.from_environment()
     compile_cache.load("ours_tokenizer")
     for phase in args.phases.split(","):
         for name in args.variants.split(","):
             try:
-                row = run_variant(phase, name, args)
+                row = run_variant(phase, name, args, turns)
             except Exception as error:  # report and go on with the other variants
                 row = {"phase": phase, "variant": name, "error": f"{type(error).__name__}: {error}"[:800]}
                 gc.collect()

@@ -368,3 +368,65 @@ def test_triton_kernel_sources_are_read_from_each_kernels_own_file(tmp_path):
     assert sources["triton_poi_fused_cat_52"] == [(tmp_path / "ab" / "k1.py").read_text(),
                                                   (tmp_path / "cd" / "k2.py").read_text()]
     assert triton_kernel_sources(["triton_poi_fused_cat_52"], tmp_path / "absent") == {}
+
+
+TURN_TAKER = """
+import json, os, sys, time
+sys.path.insert(0, sys.argv[1])
+from turns import Turns
+name, compile_s, timed_s = sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+turns = Turns.from_environment()
+time.sleep(compile_s)  # the compilation and warm-up, side by side with the others
+if name == "crashes":
+    sys.exit(3)
+turns.arrive_and_take_turn()
+start = time.time()
+time.sleep(timed_s)  # the timed steps, alone
+print(json.dumps({"name": name, "start": start, "end": time.time(), **turns.record}))
+"""
+
+
+def run_turn_takers(tmp_path, takers, deadline_in_s=60.0):
+    """Start processes (name, compile_s, timed_s) at once as one group; their records by name."""
+    import json
+    import os
+    import subprocess
+    import time
+
+    env = {**os.environ, "BENCH_TURNS_DIR": str(tmp_path / "turns"), "BENCH_TURNS_PARTIES": str(len(takers)),
+           "BENCH_TURNS_DEADLINE": str(time.time() + deadline_in_s)}
+    processes = [subprocess.Popen([sys.executable, "-c", TURN_TAKER, str(BENCH), name, str(c), str(t)], env=env,
+                                  stdout=subprocess.PIPE, text=True) for name, c, t in takers]
+    records = {}
+    for process in processes:
+        out, _ = process.communicate(timeout=120)
+        if out.strip():
+            record = json.loads(out.strip().splitlines()[-1])
+            records[record["name"]] = record
+    return records
+
+
+def test_turns_time_one_process_at_a_time_after_all_have_compiled(tmp_path):
+    records = run_turn_takers(tmp_path, [("fast", 0.0, 0.5), ("slow", 1.5, 0.5)])
+    fast, slow = records["fast"], records["slow"]
+    # the fast compiler waited for the slow one to arrive, then the two timed sections did not overlap
+    assert fast["waited_for_turn_s"] > 1.0
+    intervals = sorted([(fast["start"], fast["end"]), (slow["start"], slow["end"])])
+    assert intervals[0][1] <= intervals[1][0]
+    assert not fast["timed_beside_another_process"] and not slow["timed_beside_another_process"]
+
+
+def test_turns_do_not_wait_for_a_process_that_died(tmp_path):
+    records = run_turn_takers(tmp_path, [("survivor", 0.0, 0.1), ("crashes", 1.0, 0.1)])
+    assert set(records) == {"survivor"}
+    assert records["survivor"]["waited_for_turn_s"] < 20.0  # the deadline is 60 s away
+    assert not records["survivor"]["timed_beside_another_process"]
+
+
+def test_turns_stop_waiting_at_the_deadline_and_say_so(tmp_path):
+    records = run_turn_takers(tmp_path, [("on_time", 0.0, 0.1), ("late", 3.0, 0.1)], deadline_in_s=1.5)
+    on_time, late = records["on_time"], records["late"]
+    assert 0.8 < on_time["waited_for_turn_s"] < 2.9
+    assert on_time["timed_beside_another_process"]  # `late` was still compiling
+    assert not late["timed_beside_another_process"]
+    assert on_time["end"] <= late["start"]
