@@ -1,15 +1,18 @@
 """The attention's queries, keys and values are computed position-major (the qkv projection's own layout) and viewed
-head-major only for the attention (models/bar_blocks.py): outputs and gradients must equal the head-major
-formulation's, under bf16 autocast as in training."""
+head-major only for the attention (models/bar_blocks.py, and the tokenizer's pixel decoder and DINO discriminator):
+outputs and gradients must equal the head-major formulation's, under bf16 autocast as in training."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from bar_lightning.models.bar import BARGenerator
 from bar_lightning.models.bar_blocks import Attention, RotaryRows
+from bar_lightning.models.discriminator import _Attention as DinoAttention
 from bar_lightning.models.layers import apply_rope
+from bar_lightning.models.vit import DecoderAttention
 
 
 def head_major_projection(attention: Attention, x: torch.Tensor, rope: RotaryRows):
@@ -79,3 +82,35 @@ def test_generator_gathers_rope_tables_position_major():
     assert torch.equal(rope.q_sin[:, :, 1, 0], model.rope_sin[target_rows])
     assert torch.equal(rope.k_cos[:, :, 0], model.rope_cos[own_rows])
     assert torch.equal(rope.k_sin[:, :, 0], model.rope_sin[own_rows])
+
+
+def head_major_attention(qkv_linear: torch.nn.Linear, proj: torch.nn.Linear, heads: int, x: torch.Tensor):
+    """Plain multi-head attention with the head-major split, written out as the reference."""
+    batch, length, width = x.shape
+    qkv = qkv_linear(x).reshape(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    attended = F.scaled_dot_product_attention(*qkv.unbind(0))  # [B, heads, L, head_dim]
+    return proj(attended.transpose(1, 2).reshape(batch, length, width))
+
+
+@pytest.mark.parametrize("family", ["decoder", "discriminator"])
+def test_tokenizer_attentions_split_qkv_as_the_head_major_reference(family):
+    """The pixel decoder's and the DINO discriminator's attention split their projection position-major too: the same
+    queries, keys and values in the same heads, so outputs and every gradient equal the head-major reference's."""
+    torch.manual_seed(1)
+    width, heads = 48, 4
+    attention = DecoderAttention(width, heads) if family == "decoder" else DinoAttention(width=width, num_heads=heads)
+    x = torch.randn(2, 7, width)
+    results = []
+    for forward in (attention, lambda x_: head_major_attention(attention.qkv, attention.proj, heads, x_)):
+        attention.zero_grad()
+        x_leaf = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = forward(x_leaf)
+        out.float().square().sum().backward()
+        results.append((out, [x_leaf.grad] + [p.grad.clone() for p in attention.parameters()]))
+    (out, grads), (expected_out, expected_grads) = results
+    assert out.shape == (2, 7, width)
+    assert torch.equal(out, expected_out)
+    assert len(grads) == len(expected_grads) == 5  # x, the qkv and output projections' weights and biases
+    for grad, expected in zip(grads, expected_grads):
+        assert torch.equal(grad, expected)

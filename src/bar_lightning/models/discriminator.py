@@ -53,7 +53,8 @@ class _Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
         qkv = self.qkv(x).view(batch, length, 3, self.num_heads, width // self.num_heads)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, L, head_dim]
+        # Position-major split, head-major views: the compiled backward assembles the qkv gradient in one pass (vit.py).
+        query, key, value = (t.transpose(1, 2) for t in qkv.unbind(2))  # each [B, heads, L, head_dim]
         attended = F.scaled_dot_product_attention(query, key, value)  # [B, heads, L, head_dim]
         return self.proj(attended.transpose(1, 2).reshape(batch, length, width))
 

@@ -352,8 +352,11 @@ class DecoderAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
-        qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        queries, keys, values = qkv.unbind(0)  # each [B, heads, L, head_dim]
+        # Split position-major (the projection's own layout) and view head-major only for the attention: the same
+        # views as a head-major split, but the compiled backward then writes the three gradients straight into the
+        # projection's gradient instead of stacking them head-major first and copying that stack (models/bar_blocks.py).
+        qkv = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim)
+        queries, keys, values = (t.transpose(1, 2) for t in qkv.unbind(2))  # each [B, heads, L, head_dim]
         attended = F.scaled_dot_product_attention(queries, keys, values)  # [B, heads, L, head_dim]
         return self.proj(attended.transpose(1, 2).reshape(batch, length, width))
 
