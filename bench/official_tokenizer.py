@@ -182,7 +182,7 @@ def run(args: argparse.Namespace, turns: Turns | None = None) -> dict[str, Any]:
         "step_durations_s": durations,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         "first_steps_s": sum(durations[:args.warmup]) - (turns.record.get("waited_for_turn_s", 0.0) if turns else 0.0),
-        **(turns.record if turns is not None else {}), "wall_s": wall, "timing": "stream events at batch starts",
+        **(turns.record if turns is not None else {}), "wall_s": wall, "allocator_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "timing": "stream events at batch starts",
         "replaced": "SigLIP2 (random Siglip2Model, so400m vision), torchvision VGG16/ConvNeXt-S (random), LPIPS heads "
                     "and DINO ViT-S/8 (bar_lightning stand-ins), data (random GPU batch)",
     }
