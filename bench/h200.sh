@@ -463,6 +463,12 @@ case "${1:-sampling}" in
       tokenizer_phase official "$phase" "$(left_of "${2:-590}")" "official_tokenizer_${phase}_cold"
       MIN_S=120 tokenizer_phase ours "$phase" "$(left_of "${2:-590}")" "ours_tokenizer_${phase}_after_official"
     fi
+    # The tokenizer's GPU tests in the time left (the model code changed since they last ran: ab8cbff).
+    if [ "$(left_of "${2:-590}")" -ge 100 ]; then
+      gpu_tests_to_log "$(left_of "${2:-590}")" tests/test_gpu_tokenizer.py
+    else
+      echo "tokenizer GPU tests skipped: $(left_of "${2:-590}") s left"
+    fi
     ;;
   tokenizer_same_call)
     # Both codes, both phases, in one call, once both codes' graphs are cached (carried blobs, or the two parts above
