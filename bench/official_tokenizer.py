@@ -174,6 +174,7 @@ def run(args: argparse.Namespace, turns: Turns | None = None) -> dict[str, Any]:
     wall = time.perf_counter() - start
     durations = batches.durations()[:steps]  # profiled batches left out
     timed = durations[args.warmup:]
+    turn = dict(turns.record) if turns is not None else {}  # the wait is not part of the warm-up's time
     # In the gan phase the steps alternate G and D (each takes one batch): their mean is the rate of the run.
     step = statistics.median(timed) if args.phase == "generator" else statistics.fmean(timed)
     row = {
@@ -181,8 +182,9 @@ def run(args: argparse.Namespace, turns: Turns | None = None) -> dict[str, Any]:
         "batch": args.batch, "steps": final_step, "step_s": step, "images_per_s": args.batch / step,
         "step_durations_s": durations,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-        "first_steps_s": sum(durations[:args.warmup]) - (turns.record.get("waited_for_turn_s", 0.0) if turns else 0.0),
-        **(turns.record if turns is not None else {}), "wall_s": wall, "allocator_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "timing": "stream events at batch starts",
+        "first_steps_s": sum(durations[:args.warmup]) - turn.get("waited_for_turn_s", 0.0), **turn,
+        "wall_s": wall, "allocator_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+        "timing": "stream events at batch starts",
         "replaced": "SigLIP2 (random Siglip2Model, so400m vision), torchvision VGG16/ConvNeXt-S (random), LPIPS heads "
                     "and DINO ViT-S/8 (bar_lightning stand-ins), data (random GPU batch)",
     }

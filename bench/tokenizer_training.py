@@ -152,7 +152,8 @@ def run_variant(phase: str, name: str, args: argparse.Namespace, turns: Turns | 
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "generator_step_gflop_per_image": flops / 1e9,
         "first_steps_s": sum(timer.durations[:args.warmup]) - turn.get("waited_for_turn_s", 0.0), **turn,
-        "wall_s": wall, "allocator_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "wall_s": wall, "allocator_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "timing": "stream events at batch starts",
     }
     # MFU of the autoencoder step (the D step is cheaper: the tokenizer runs forward only, without gradients).
