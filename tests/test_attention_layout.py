@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from bar_lightning.models.bar import BARGenerator
 from bar_lightning.models.bar_blocks import Attention, RotaryRows
-from bar_lightning.models.discriminator import _Attention as DinoAttention
+from bar_lightning.models.discriminator import _Block as DinoBlock
 from bar_lightning.models.layers import apply_rope
-from bar_lightning.models.vit import DecoderAttention
+from bar_lightning.models.vit import DecoderBlock, FusedQKVAttention
 
 
 def head_major_projection(attention: Attention, x: torch.Tensor, rope: RotaryRows):
@@ -98,7 +98,11 @@ def test_tokenizer_attentions_split_qkv_as_the_head_major_reference(family):
     queries, keys and values in the same heads, so outputs and every gradient equal the head-major reference's."""
     torch.manual_seed(1)
     width, heads = 48, 4
-    attention = DecoderAttention(width, heads) if family == "decoder" else DinoAttention(width=width, num_heads=heads)
+    if family == "decoder":
+        attention = DecoderBlock(width, heads, mlp_ratio=2.0).attn
+    else:
+        attention = DinoBlock(width=width, num_heads=heads, mlp_ratio=2.0, norm_eps=1e-6).attn
+    assert isinstance(attention, FusedQKVAttention)  # one module for both families
     x = torch.randn(2, 7, width)
     results = []
     for forward in (attention, lambda x_: head_major_attention(attention.qkv, attention.proj, heads, x_)):

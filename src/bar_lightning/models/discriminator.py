@@ -24,6 +24,7 @@ from bar_lightning.models.pretrained import (
     load_torch_weights,
     require_weights,
 )
+from bar_lightning.models.vit import FusedQKVAttention
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -43,22 +44,6 @@ class _PatchEmbed(nn.Module):
         return self.proj(images).flatten(2).transpose(1, 2)  # [B, C, h, w] -> [B, h*w, C]
 
 
-class _Attention(nn.Module):
-    def __init__(self, *, width: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, width = x.shape
-        qkv = self.qkv(x).view(batch, length, 3, self.num_heads, width // self.num_heads)
-        # Position-major split, head-major views: the compiled backward assembles the qkv gradient in one pass (vit.py).
-        query, key, value = (t.transpose(1, 2) for t in qkv.unbind(2))  # each [B, heads, L, head_dim]
-        attended = F.scaled_dot_product_attention(query, key, value)  # [B, heads, L, head_dim]
-        return self.proj(attended.transpose(1, 2).reshape(batch, length, width))
-
-
 class _MLP(nn.Module):
     def __init__(self, *, width: int, hidden_width: int) -> None:
         super().__init__()
@@ -75,7 +60,7 @@ class _Block(nn.Module):
     def __init__(self, *, width: int, num_heads: int, mlp_ratio: float, norm_eps: float) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(width, eps=norm_eps)
-        self.attn = _Attention(width=width, num_heads=num_heads)
+        self.attn = FusedQKVAttention(width, num_heads)
         self.norm2 = nn.LayerNorm(width, eps=norm_eps)
         self.mlp = _MLP(width=width, hidden_width=round(width * mlp_ratio))
 

@@ -338,13 +338,14 @@ def _read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------------------------
 # Pixel decoder
 # ---------------------------------------------------------------------------------------------------------------
-class DecoderAttention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection, no mask, no QK-norm, no RoPE."""
+class FusedQKVAttention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection, no mask, no QK-norm, no RoPE: the pixel decoder's and
+    the DINO discriminator's (models/discriminator.py)."""
 
     def __init__(self, width: int, num_heads: int) -> None:
         super().__init__()
         if width % num_heads:
-            raise ValueError(f"decoder width {width} is not divisible by num_heads={num_heads}")
+            raise ValueError(f"attention width {width} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.head_dim = width // num_heads
         self.qkv = nn.Linear(width, 3 * width)
@@ -379,7 +380,7 @@ class DecoderBlock(nn.Module):
     def __init__(self, width: int, num_heads: int, mlp_ratio: float) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(width)
-        self.attn = DecoderAttention(width, num_heads)
+        self.attn = FusedQKVAttention(width, num_heads)
         self.norm2 = nn.LayerNorm(width)
         self.mlp = DecoderMLP(width, int(width * mlp_ratio))
 
