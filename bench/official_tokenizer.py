@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import compile_cache  # noqa: E402
 from common import TimedBatches, machine, print_kernel_table, write_results  # noqa: E402
-from turns import Turns  # noqa: E402
+from turns import Turns, row_fields, turn_batch  # noqa: E402
 
 SIGLIP2_SO400M_VISION = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
                          "num_attention_heads": 16, "patch_size": 16, "num_patches": 256, "num_channels": 3}
@@ -154,10 +154,8 @@ def run(args: argparse.Namespace, turns: Turns | None = None) -> dict[str, Any]:
         elif index == memory_from + 2:
             memory["summary"] = {**summarise_recording(memory["baseline"]), "recorded_batches": 2}
 
-    turn_at = max(args.warmup - 2, 0)  # two warm-up steps after the wait absorb the device's restart
-
     def on_take(index: int) -> None:
-        if turns is not None and index == turn_at:  # after the take's mark: the wait falls in a warm-up step
+        if turns is not None and index == turn_batch(args.warmup):  # after the take's mark: the wait falls in a warm-up step
             turns.arrive_and_take_turn()
         if args.memory_snapshot:
             memory_window(index)
@@ -174,7 +172,6 @@ def run(args: argparse.Namespace, turns: Turns | None = None) -> dict[str, Any]:
     wall = time.perf_counter() - start
     durations = batches.durations()[:steps]  # profiled batches left out
     timed = durations[args.warmup:]
-    turn = dict(turns.record) if turns is not None else {}  # the wait is not part of the warm-up's time
     # In the gan phase the steps alternate G and D (each takes one batch): their mean is the rate of the run.
     step = statistics.median(timed) if args.phase == "generator" else statistics.fmean(timed)
     row = {
@@ -182,7 +179,7 @@ def run(args: argparse.Namespace, turns: Turns | None = None) -> dict[str, Any]:
         "batch": args.batch, "steps": final_step, "step_s": step, "images_per_s": args.batch / step,
         "step_durations_s": durations,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-        "first_steps_s": sum(durations[:args.warmup]) - turn.get("waited_for_turn_s", 0.0), **turn,
+        **row_fields(turns, sum(durations[:args.warmup])),
         "wall_s": wall, "allocator_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "timing": "stream events at batch starts",
         "replaced": "SigLIP2 (random Siglip2Model, so400m vision), torchvision VGG16/ConvNeXt-S (random), LPIPS heads "

@@ -50,7 +50,7 @@ from common import (
     print_table,
     write_results,
 )
-from turns import Turns
+from turns import Turns, row_fields, turn_batch
 
 from bar_lightning.run import build_tokenizer_job, build_trainer
 from bar_lightning.stand_in_weights import write_stand_in_weights
@@ -92,8 +92,8 @@ def generator_step_flops(module: Any, batch: int, image_size: int, device: torch
 
 
 class TakeTurn(BatchWindow):
-    """Waits for the other processes of a group (bench/turns.py) before the batch `first_batch`, two batches before
-    the timed ones, so the two steps after the wait absorb the device's restart; the wait falls in a warm-up batch."""
+    """Waits for the other processes of a group (bench/turns.py) before the batch `first_batch` (`turn_batch`); the
+    wait falls in a warm-up batch."""
 
     def __init__(self, turns: Turns, first_batch: int) -> None:
         super().__init__(first_batch, 1)
@@ -130,7 +130,7 @@ def run_variant(phase: str, name: str, args: argparse.Namespace, turns: Turns | 
     timer = StepTimer()
     trainer = build_trainer(cfg, enable_checkpointing=False)
     if turns is not None:  # before the timer, so that the wait ends before the next batch's start is marked
-        trainer.callbacks.append(TakeTurn(turns, max(args.warmup - 2, 0)))
+        trainer.callbacks.append(TakeTurn(turns, turn_batch(args.warmup)))
     trainer.callbacks.append(timer)
     profiler = StepProfiler(args.warmup + args.timed) if args.profile else None
     if profiler is not None:
@@ -144,14 +144,13 @@ def run_variant(phase: str, name: str, args: argparse.Namespace, turns: Turns | 
     trainer.fit(module, datamodule=datamodule)
     wall = time.perf_counter() - start
     timed = timer.durations[args.warmup : args.warmup + args.timed]
-    turn = dict(turns.record) if turns is not None else {}  # the wait is not part of the warm-up's time
     step = statistics.median(timed) if phase == "generator" else statistics.fmean(timed)
     row = {
         "code": "bar_lightning", "experiment": args.experiment, "phase": phase, "variant": name, "batch": args.batch,
         "step_s": step, "images_per_s": args.batch / step, "step_durations_s": timer.durations,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "generator_step_gflop_per_image": flops / 1e9,
-        "first_steps_s": sum(timer.durations[:args.warmup]) - turn.get("waited_for_turn_s", 0.0), **turn,
+        **row_fields(turns, sum(timer.durations[:args.warmup])),
         "wall_s": wall, "allocator_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "timing": "stream events at batch starts",

@@ -41,6 +41,19 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def turn_batch(warmup: int) -> int:
+    """The batch before which a process waits for its turn: two warm-up batches before the timed ones, which absorb
+    the device's restart after the wait."""
+    return max(warmup - 2, 0)
+
+
+def row_fields(turns: Turns | None, warmup_s: float) -> dict[str, Any]:
+    """A row's `first_steps_s` (its warm-up batches' seconds, less the wait for the turn that one of them holds) and
+    the turn's record."""
+    record = dict(turns.record) if turns is not None else {}
+    return {"first_steps_s": warmup_s - record.get("waited_for_turn_s", 0.0), **record}
+
+
 class Turns:
     """One process's place in a group that takes turns (`from_environment()`; None when no group is set up)."""
 
